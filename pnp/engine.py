@@ -1,0 +1,264 @@
+"""The engine: one request, from its validated config and image to the translated images and their stats.
+
+request -> image and latent -> inversion (cached) -> source features (cached) -> translation -> images.
+The Cog predictor, the command line and the benchmark all drive `PnPEngine` and nothing below it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .cache import SourceCache, SourceEntry, SourceKey
+from .config import INPUTS, PnPConfig
+from .errors import InputError
+from .image_io import image_to_tensor, load_image, prepare_image, tensor_to_images
+from .injection import FeatureInjector, SourceFeatures
+from .inversion import extract_features, invert
+from .models import StableDiffusion, load_model
+from .schedules import NoiseSchedule, negative_prompt_weights
+from .translation import Injection, Prompts, sample
+
+logger = logging.getLogger(__name__)
+
+PHASES = ("load", "inversion", "extraction", "translation", "decode")
+GENERATION_GUIDANCE_SCALE = 5.0
+# Latent pixels per UNet call: 16 latents at 512x512 (64x64 latents), fewer at larger sizes.
+DEFAULT_BATCH_LATENT_PIXELS = 16 * 64 * 64
+CACHE_FRACTION_OF_MEMORY = 0.2
+
+
+@dataclass
+class PhaseStats:
+    seconds: float = 0.0
+    unet_evals: int = 0
+
+
+@dataclass
+class RunStats:
+    """Seconds and UNet evaluations (latents through the UNet, counted as they run) per phase."""
+
+    phases: dict[str, PhaseStats] = field(default_factory=lambda: {name: PhaseStats() for name in PHASES})
+    cache_hit: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.seconds for p in self.phases.values())
+
+    @property
+    def unet_evals(self) -> int:
+        return sum(p.unet_evals for p in self.phases.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "phases": {name: asdict(p) for name, p in self.phases.items()},
+            "seconds": self.seconds,
+            "unet_evals": self.unet_evals,
+            "cache_hit": self.cache_hit,
+        }
+
+    def summary(self) -> str:
+        lines = [f"{name:<12} {p.seconds:8.2f} s {p.unet_evals:6d} UNet evals" for name, p in self.phases.items()]
+        lines.append(f"{'total':<12} {self.seconds:8.2f} s {self.unet_evals:6d} UNet evals" + (" (cached inversion)" if self.cache_hit else ""))
+        return "\n".join(lines)
+
+
+@dataclass
+class PnPResult:
+    """The output images (a generated source first, then one per prompt), the seed used and the stats."""
+
+    images: list[Image.Image]
+    seed: int | None
+    stats: RunStats
+
+
+def default_cache_bytes(device: torch.device) -> int:
+    """`PNP_CACHE_BYTES`, else a fifth of the device's memory (the GPU's, or the machine's on the CPU)."""
+    if "PNP_CACHE_BYTES" in os.environ:
+        return int(os.environ["PNP_CACHE_BYTES"])
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * CACHE_FRACTION_OF_MEMORY)
+
+
+class PnPEngine:
+    """Plug-and-Play image translation on one loaded Stable Diffusion model."""
+
+    def __init__(
+        self,
+        model: StableDiffusion,
+        cache_bytes: int | None = None,
+        batch_latent_pixels: int = DEFAULT_BATCH_LATENT_PIXELS,
+    ):
+        self.model = model
+        self.schedule = NoiseSchedule.from_config(model.scheduler_config)
+        self.injector = FeatureInjector(model.unet)
+        self.cache = SourceCache(default_cache_bytes(model.device) if cache_bytes is None else cache_bytes)
+        self.batch_latent_pixels = batch_latent_pixels
+        self.unet_evals = 0
+        model.unet.register_forward_pre_hook(self._count_unet_evals, with_kwargs=True)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | None = None, device: str | None = None, dtype: str | None = None, **kwargs
+    ) -> PnPEngine:
+        """Load a model (see `pnp.models.load_model` for where it comes from) and build an engine on it."""
+        return cls(load_model(model, device, dtype), **kwargs)
+
+    def _count_unet_evals(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        sample_batch = args[0] if args else kwargs["sample"]
+        self.unet_evals += sample_batch.shape[0]
+
+    @contextmanager
+    def _phase(self, stats: RunStats, name: str) -> Iterator[None]:
+        logger.info("%s ...", name)
+        start, evals = time.perf_counter(), self.unet_evals
+        try:
+            yield
+        finally:
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize(self.model.device)
+            phase = stats.phases[name]
+            phase.seconds += time.perf_counter() - start
+            phase.unet_evals += self.unet_evals - evals
+            logger.info("%s done: %.2f s, %d UNet evals", name, phase.seconds, phase.unet_evals)
+
+    def _batch_size(self, latent: torch.Tensor) -> int:
+        return max(1, self.batch_latent_pixels // (latent.shape[-1] * latent.shape[-2]))
+
+    @torch.no_grad()
+    def __call__(self, config: PnPConfig, image: str | os.PathLike | Image.Image | None = None) -> PnPResult:
+        """Translate `image` (or, in generation mode, a source generated from `config.generation_prompt`)."""
+        stats = RunStats()
+        num_steps = config.num_inference_steps
+        timesteps = self.schedule.sampling_timesteps(num_steps)
+        needed_steps = max(config.feature_injection_steps, config.attention_injection_steps)
+        negative = config.negative_prompt.strip() != ""
+        texts = ["", config.generation_prompt if config.generation_mode else config.inversion_prompt, *config.translation_prompts]
+        embeddings = self.model.encode_text(texts + ([config.negative_prompt] if negative else []))
+        unconditional, source_text = embeddings[:1], embeddings[1:2]
+        prompts = Prompts(
+            unconditional=unconditional,
+            targets=embeddings[2 : 2 + len(config.translation_prompts)],
+            negative=embeddings[-1:] if negative else None,
+        )
+
+        seed = None
+        if config.generation_mode:
+            seed = config.seed if config.seed is not None else secrets.randbits(32)
+            logger.info("seed %d", seed)
+            noise = torch.randn(
+                (1, 4, config.image_size // 8, config.image_size // 8),
+                generator=torch.Generator("cpu").manual_seed(seed),
+                dtype=torch.float32,
+            ).to(self.model.device, self.model.dtype)
+            with self._phase(stats, "extraction"):
+                source_latent, source = sample(
+                    self.model.unet,
+                    self.injector,
+                    self.schedule,
+                    noise,
+                    timesteps,
+                    Prompts(unconditional=unconditional, targets=source_text),
+                    scale=GENERATION_GUIDANCE_SCALE,
+                    negative_weights=[1.0] * num_steps,
+                    batch_size=self._batch_size(noise),
+                    capture_steps=needed_steps,
+                )
+            start = noise
+        else:
+            entry = self._source_entry(config, image, timesteps, needed_steps, source_text, stats)
+            source, start, source_latent = entry.features, entry.latents[timesteps[0]], None
+
+        weights = (
+            negative_prompt_weights(config.negative_prompt_schedule, config.negative_prompt_alpha, num_steps)
+            if negative
+            else [1.0] * num_steps
+        )
+        with self._phase(stats, "translation"):
+            translated, _ = sample(
+                self.model.unet,
+                self.injector,
+                self.schedule,
+                start,
+                timesteps,
+                prompts,
+                scale=config.scale,
+                negative_weights=weights,
+                batch_size=self._batch_size(start),
+                injection=Injection(source, config.feature_injection_steps, config.attention_injection_steps),
+            )
+        with self._phase(stats, "decode"):
+            latents = translated if source_latent is None else torch.cat([source_latent, translated])
+            images = tensor_to_images(self.model.decode_latents(latents, self._batch_size(start)))
+        logger.info("done\n%s", stats.summary())
+        return PnPResult(images=images, seed=seed, stats=stats)
+
+    def _source_entry(
+        self,
+        config: PnPConfig,
+        image: str | os.PathLike | Image.Image | None,
+        timesteps: list[int],
+        needed_steps: int,
+        inversion_text: torch.Tensor,
+        stats: RunStats,
+    ) -> SourceEntry:
+        """The inversion latents and source features of a real image, from the cache or computed (only
+        the missing steps of features), and cached once complete."""
+        if image is None:
+            raise InputError("input_image", "give an image to edit, or a generation_prompt to generate one")
+        spec = INPUTS["ddim_inversion_steps"]
+        self.schedule.check_nesting(config.num_inference_steps, config.ddim_inversion_steps, spec.minimum, spec.maximum)
+        with self._phase(stats, "load"):
+            prepared = prepare_image(load_image(image), config.image_size)
+            key = SourceKey(
+                model=self.model.name,
+                image_digest=hashlib.sha256(prepared.tobytes()).hexdigest(),
+                width=prepared.width,
+                height=prepared.height,
+                ddim_inversion_steps=config.ddim_inversion_steps,
+                num_inference_steps=config.num_inference_steps,
+                inversion_prompt=config.inversion_prompt,
+            )
+            entry = self.cache.get(key)
+            stats.cache_hit = entry is not None
+            if entry is None:
+                latent = self.model.encode_image(image_to_tensor(prepared))
+        if entry is None:
+            with self._phase(stats, "inversion"):
+                latents = invert(
+                    self.model.unet, self.schedule, latent, inversion_text, config.ddim_inversion_steps, set(timesteps)
+                )
+            entry = SourceEntry(latents, SourceFeatures({}))
+
+        features = entry.features
+        wanted = {"resnet": config.feature_injection_steps, "attention": config.attention_injection_steps}
+        have = {"resnet": features.resnet_steps, "attention": features.attention_steps}
+        short = [kind for kind in wanted if wanted[kind] > have[kind]]
+        if short:
+            first, last = min(have[k] for k in short), max(wanted[k] for k in short)
+            with self._phase(stats, "extraction"):
+                extracted = extract_features(
+                    self.model.unet,
+                    self.injector,
+                    [entry.latents[t] for t in timesteps[first:last]],
+                    timesteps[first:last],
+                    inversion_text,
+                    self._batch_size(entry.latents[timesteps[0]]),
+                )
+            entry = SourceEntry(entry.latents, features.extended(extracted, first))
+        if short or not stats.cache_hit:
+            self.cache.put(key, entry)
+        return entry

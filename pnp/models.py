@@ -1,0 +1,197 @@
+"""Model loading: where the weights come from, device and dtype, and the checks that a checkpoint fits.
+
+`PNP_MODEL` names a local diffusers directory or a hub id; unset, the default model lives under
+`weights/` (filled by `script/download-weights`, or downloaded there on first use where the network
+allows). Only the UNet, VAE, text encoder, tokenizer and scheduler are loaded: no safety checker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .errors import ModelError
+from .injection import locate_sites
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "stable-diffusion-v1-5"
+COMPONENTS = ("unet", "vae", "text_encoder")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class StableDiffusion:
+    """The loaded components the engine drives, on one device in one dtype."""
+
+    name: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """E(p): the text encoder's last hidden state of each prompt, padded and truncated to 77 tokens."""
+        limit = self.tokenizer.model_max_length
+        for prompt in prompts:
+            length = len(self.tokenizer(prompt).input_ids)
+            if length > limit:
+                logger.warning("prompt truncated to %d of its %d tokens: %r", limit, length, prompt)
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The latent of pixels in [-1, 1]: the posterior mean times the VAE's scaling factor."""
+        posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return posterior.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """VAE decoding of latents, `batch_size` at a time; values are roughly in [-1, 1]."""
+        scaled = latents / self.vae.config.scaling_factor
+        return torch.cat(
+            [self.vae.decode(chunk.to(self.dtype)).sample for chunk in scaled.split(batch_size)]
+        )
+
+
+def select_device(device: str | None = None) -> torch.device:
+    """`device`, else `PNP_DEVICE`, else CUDA when present, else the CPU."""
+    name = device or os.environ.get("PNP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ModelError(f"PNP_DEVICE: {name!r} is not a torch device ({error})") from None
+
+
+def select_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    """`dtype`, else `PNP_DTYPE`, else float16 on CUDA and float32 elsewhere."""
+    name = dtype or os.environ.get("PNP_DTYPE") or ("float16" if device.type == "cuda" else "float32")
+    if name not in DTYPES:
+        raise ModelError(f"PNP_DTYPE: {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _weights_missing(path: Path) -> list[str]:
+    return [c for c in COMPONENTS if not any((path / c).glob("*.safetensors"))]
+
+
+def download_weights(model_id: str = DEFAULT_MODEL_ID, local_dir: Path | None = DEFAULT_WEIGHTS) -> Path:
+    """Fetch the configs, the tokenizer and fp16 safetensors of `model_id` (resumable); returns the directory.
+
+    Components without an fp16 file fall back to their full-precision safetensors. With `local_dir`
+    None the files go to the Hugging Face cache.
+    """
+    from huggingface_hub import snapshot_download
+
+    configs = ["model_index.json", "scheduler/*.json", "tokenizer/*", *(f"{c}/config.json" for c in COMPONENTS)]
+    try:
+        path = Path(
+            snapshot_download(model_id, local_dir=local_dir, allow_patterns=[*configs, *(f"{c}/*.fp16.safetensors" for c in COMPONENTS)])
+        )
+        missing = _weights_missing(path)
+        if missing:
+            path = Path(
+                snapshot_download(
+                    model_id,
+                    local_dir=local_dir,
+                    allow_patterns=[f"{c}/{'model' if c == 'text_encoder' else 'diffusion_pytorch_model'}.safetensors" for c in missing],
+                )
+            )
+    except Exception as error:  # the hub client raises many kinds: offline, not found, gated, HTTP
+        raise ModelError(
+            f"could not download {model_id!r} ({type(error).__name__}: {error}). Run script/download-weights "
+            f"on a machine with network access to fill {DEFAULT_WEIGHTS}, or set PNP_MODEL to a local "
+            "diffusers directory."
+        ) from error
+    if _weights_missing(path):
+        raise ModelError(f"{model_id!r} has no safetensors weights for {', '.join(_weights_missing(path))}")
+    return path
+
+
+def resolve_model(model: str | None = None) -> Path:
+    """The local directory of `model`, else of `PNP_MODEL`, else of the default weights (downloaded if absent)."""
+    name = model or os.environ.get("PNP_MODEL")
+    if name is None:
+        if _weights_missing(DEFAULT_WEIGHTS):
+            logger.info("no weights in %s; downloading %s there", DEFAULT_WEIGHTS, DEFAULT_MODEL_ID)
+            return download_weights(DEFAULT_MODEL_ID, DEFAULT_WEIGHTS)
+        return DEFAULT_WEIGHTS
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelError(f"PNP_MODEL: {name!r} is neither a diffusers directory nor a hub id like 'owner/name'")
+    return download_weights(name, local_dir=None)
+
+
+def _variant(component_dir: Path) -> str | None:
+    """'fp16' where a component ships only fp16 weights (as script/download-weights leaves it)."""
+    has_fp16 = any(component_dir.glob("*.fp16.safetensors"))
+    has_full = any(p for p in component_dir.glob("*.safetensors") if ".fp16." not in p.name)
+    return "fp16" if has_fp16 and not has_full else None
+
+
+def check_model(unet: UNet2DConditionModel, scheduler_config: dict[str, Any]) -> None:
+    """Refuse what Plug-and-Play cannot drive: no epsilon prediction, no 4-channel latent, no SD sites."""
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ModelError(
+            f"the model predicts {prediction!r}; only epsilon-predicting Stable Diffusion models are supported "
+            "(v-prediction models such as SD 2.x 768-v are not yet)"
+        )
+    if unet.config.in_channels != 4:
+        raise ModelError(
+            f"the UNet takes {unet.config.in_channels} input channels; Plug-and-Play needs a text-to-image "
+            "UNet with 4 (not an inpainting or depth model)"
+        )
+    locate_sites(unet)
+
+
+def load_model(model: str | None = None, device: str | None = None, dtype: str | None = None) -> StableDiffusion:
+    """Load and check a Stable Diffusion checkpoint for the engine (see the module docstring)."""
+    target_device = select_device(device)
+    target_dtype = select_dtype(target_device, dtype)
+    path = resolve_model(model)
+    if _weights_missing(path) or not (path / "scheduler" / "scheduler_config.json").is_file():
+        raise ModelError(
+            f"{path} is not a complete diffusers Stable Diffusion directory (it needs unet/, vae/, text_encoder/, "
+            "tokenizer/ and scheduler/); run script/download-weights or point PNP_MODEL at one"
+        )
+    scheduler_config = dict(DDIMScheduler.load_config(path / "scheduler"))
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", variant=_variant(path / "unet"), torch_dtype=target_dtype)
+    check_model(unet, scheduler_config)
+    vae = AutoencoderKL.from_pretrained(path / "vae", variant=_variant(path / "vae"), torch_dtype=target_dtype)
+    text_encoder = CLIPTextModel.from_pretrained(
+        path / "text_encoder", variant=_variant(path / "text_encoder"), dtype=target_dtype
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    unet.set_attn_processor(AttnProcessor2_0())
+    for module in (unet, vae, text_encoder):
+        module.to(target_device).eval().requires_grad_(False)
+    logger.info("loaded %s on %s in %s", path, target_device, str(target_dtype).removeprefix("torch."))
+    return StableDiffusion(
+        name=str(path.resolve()),
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        device=target_device,
+        dtype=target_dtype,
+    )
+

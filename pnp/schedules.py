@@ -1,0 +1,74 @@
+"""DDIM timesteps and weights: sampling and inversion timesteps, their nesting, the negative-prompt schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from diffusers import DDIMScheduler
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """ᾱ of the model's scheduler, as SPEC 4 uses it."""
+
+    alphas_cumprod: tuple[float, ...]
+    final_alpha_cumprod: float
+    scheduler: DDIMScheduler
+
+    @classmethod
+    def from_config(cls, scheduler_config: dict[str, Any]) -> NoiseSchedule:
+        scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, set_alpha_to_one=False)
+        return cls(
+            alphas_cumprod=tuple(scheduler.alphas_cumprod.tolist()),
+            final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
+            scheduler=scheduler,
+        )
+
+    def sampling_timesteps(self, num_steps: int) -> list[int]:
+        """t_0 > t_1 > ... > t_{N-1}: the scheduler's own `set_timesteps(N)`."""
+        self.scheduler.set_timesteps(num_steps)
+        return [int(t) for t in self.scheduler.timesteps]
+
+    def inversion_timesteps(self, num_steps: int) -> list[int]:
+        """τ_0 < τ_1 < ... < τ_{M-1}: `set_timesteps(M)` reversed."""
+        return self.sampling_timesteps(num_steps)[::-1]
+
+    def alpha(self, timestep: int | None) -> float:
+        """ᾱ[t], or ᾱ_final where there is no further timestep."""
+        return self.final_alpha_cumprod if timestep is None else self.alphas_cumprod[timestep]
+
+    def valid_inversion_steps(self, num_inference_steps: int, low: int, high: int) -> list[int]:
+        """All inversion step counts in [low, high] whose timesteps contain every sampling timestep."""
+        sampling = set(self.sampling_timesteps(num_inference_steps))
+        return [m for m in range(low, high + 1) if sampling <= set(self.sampling_timesteps(m))]
+
+    def check_nesting(self, num_inference_steps: int, ddim_inversion_steps: int, low: int, high: int) -> None:
+        """Refuse inversion steps whose timesteps miss a sampling timestep, naming the nearest valid ones."""
+        sampling = set(self.sampling_timesteps(num_inference_steps))
+        if sampling <= set(self.sampling_timesteps(ddim_inversion_steps)):
+            return
+        valid = self.valid_inversion_steps(num_inference_steps, low, high)
+        nearest = sorted(sorted(valid, key=lambda m: (abs(m - ddim_inversion_steps), m))[:3])
+        raise InputError(
+            "ddim_inversion_steps",
+            f"{ddim_inversion_steps} inversion steps do not contain every timestep of "
+            f"num_inference_steps={num_inference_steps}; nearest valid values: "
+            f"{', '.join(map(str, nearest)) or 'none in range'}",
+        )
+
+
+def negative_prompt_weights(schedule: str, alpha: float, num_steps: int) -> list[float]:
+    """a_i = alpha * s_i (SPEC 4.5): the weight of the unconditional branch against the negative one."""
+    last = max(num_steps - 1, 1)
+    shapes = {
+        "linear": lambda i: 1 - i / last,
+        "constant": lambda i: 1.0,
+        "exp": lambda i: math.exp(-6 * i / last),
+    }
+    if schedule not in shapes:
+        raise InputError("negative_prompt_schedule", f"must be one of {', '.join(shapes)}; got {schedule!r}")
+    return [alpha * shapes[schedule](i) for i in range(num_steps)]
