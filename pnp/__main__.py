@@ -1,0 +1,7 @@
+"""`python -m pnp`: the command line (see pnp.cli)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""The command line: `python -m pnp IMAGE "prompt one; prompt two" --out DIR [--config PRESET] [--INPUT VALUE ...]`.
+
+With `--generation_prompt TEXT` the image is left out and the source is generated. Every public input
+is an option of the same name; a preset (a YAML file or a name in configs/) gives the values that
+are not on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import INPUTS, OUTPUT_FORMATS, PnPConfig, load_preset
+from .engine import PnPEngine
+from .errors import InputError, ModelError, NonFiniteError
+from .image_io import save_images
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pnp",
+        description="Edit an image with text by Plug-and-Play diffusion feature injection.",
+        epilog='Examples: python -m pnp examples/horse.jpg "a photo of a robot horse; a horse made of lego" '
+        '--out outputs | python -m pnp --generation_prompt "a photo of a horse" "a robot horse" --out outputs',
+    )
+    parser.add_argument("inputs", nargs="+", metavar="[IMAGE] PROMPTS", help="the image (unless generating) and the ';'-separated target prompts")
+    parser.add_argument("--out", default="outputs", help="directory for the images (default: outputs)")
+    parser.add_argument("--config", help="a preset: a YAML file, or real, generated or primitive from configs/")
+    parser.add_argument("--output_format", choices=OUTPUT_FORMATS, default="png")
+    parser.add_argument("--model", help="diffusers directory or hub id (default: PNP_MODEL, else weights/)")
+    parser.add_argument("--device", help="torch device (default: PNP_DEVICE, else cuda when present, else cpu)")
+    parser.add_argument("--dtype", help="float16, bfloat16 or float32 (default: PNP_DTYPE, else by device)")
+    options = parser.add_argument_group("inputs (default: the preset's, else the service's)")
+    for name, spec in INPUTS.items():
+        if name == "translation_prompts":
+            continue
+        kind = str if spec.minimum is None else (float if isinstance(spec.default, float) else int)
+        options.add_argument(f"--{name}", type=kind, choices=spec.choices, help=spec.description)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    overrides = {name: getattr(args, name) for name in INPUTS if getattr(args, name, None) is not None}
+    generating = bool(overrides.get("generation_prompt"))
+    expected = 1 if generating else 2
+    if len(args.inputs) != expected:
+        usage = "PROMPTS (the source is generated)" if generating else "IMAGE PROMPTS"
+        print(f"error: expected {usage}, got {len(args.inputs)} positional arguments", file=sys.stderr)
+        return 2
+    overrides["translation_prompts"] = args.inputs[-1]
+    try:
+        config = load_preset(args.config, overrides) if args.config else PnPConfig.from_mapping(overrides)
+        engine = PnPEngine.from_pretrained(args.model, args.device, args.dtype)
+        result = engine(config, None if generating else args.inputs[0])
+    except (InputError, ModelError, NonFiniteError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for path in save_images(result.images, args.out, args.output_format):
+        print(path)
+    if result.seed is not None:
+        print(f"seed: {result.seed}")
+    print(result.stats.summary())
+    return 0
