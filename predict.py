@@ -1,0 +1,163 @@
+"""The Cog entry point: a thin adapter from Cog's inputs to the Plug-and-Play engine in `pnp/`.
+
+`cog build` generates the OpenAPI schema (the Replicate web form, the HTTP API's validation) by
+reading this file's source statically, so every `Input()` below holds plain literals, one string
+literal per description: the static reader silently drops bounds, and turns defaults into "required",
+when they are expressions such as `INPUTS["scale"].minimum`. The values are those of
+`pnp.config.INPUTS`, where the engine's own validation reads them; tests/test_cog_schema.py checks
+that the two agree and that a static reader sees the same as Cog's runtime inspector.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+from typing import Optional
+
+from cog import BaseRunner, Input, Path
+
+from pnp.config import OUTPUT_FORMATS, PnPConfig
+from pnp.engine import PnPEngine
+from pnp.errors import InputError
+from pnp.image_io import save_images
+
+logger = logging.getLogger("pnp.predict")
+
+
+def configure_logging() -> None:
+    """Send the engine's INFO logs (its phases, seconds and UNet evals) to stdout, where Cog collects logs."""
+    pnp_logger = logging.getLogger("pnp")
+    if not any(getattr(handler, "_pnp_stdout", False) for handler in pnp_logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._pnp_stdout = True  # type: ignore[attr-defined]
+        pnp_logger.addHandler(handler)
+    pnp_logger.setLevel(logging.INFO)
+    pnp_logger.propagate = False
+    logging.captureWarnings(True)
+
+
+class Predictor(BaseRunner):
+    def setup(self) -> None:
+        """Load the model once: PNP_MODEL, else weights/ (downloaded there first where missing)."""
+        configure_logging()
+        self.engine = PnPEngine.from_pretrained()
+        self._last_output_dir: str | None = None
+
+    def run(
+        self,
+        input_image: Optional[Path] = Input(
+            default=None,
+            description="The image to edit (any format Pillow reads). Ignored when generation_prompt is set.",
+        ),
+        ddim_inversion_steps: int = Input(
+            default=50,
+            ge=10,
+            le=1000,
+            description="Number of DDIM steps used to invert the input image. Every sampling timestep must be one of the inversion timesteps (with SD's spacing: 1000 // num_inference_steps is a multiple of 1000 // ddim_inversion_steps).",  # noqa: E501
+        ),
+        generation_prompt: str = Input(
+            default="",
+            description="Generate the source image from this text instead of using input_image; the generated image is returned first.",  # noqa: E501
+        ),
+        scale: float = Input(
+            default=10.0,
+            ge=0.0,
+            le=30.0,
+            description="Classifier-free guidance scale of the translation.",
+        ),
+        feature_injection_threshold: float = Input(
+            default=0.8,
+            ge=0.0,
+            le=1.0,
+            description="Fraction of the sampling steps, from the start, during which the source's ResNet features are injected. Higher keeps more of the source's structure.",  # noqa: E501
+        ),
+        translation_prompts: str = Input(
+            default="a photo of a robot horse",
+            description="Target prompts separated by ';', one output image per prompt (at most 8).",
+        ),
+        negative_prompt: str = Input(
+            default="",
+            description="Text blended into the unconditional branch to steer away from (e.g. a description of the source).",  # noqa: E501
+        ),
+        negative_prompt_alpha: float = Input(
+            default=1.0,
+            ge=0.0,
+            le=1.0,
+            description="Strength of the negative prompt: 1 leaves it out, lower values weigh it more.",
+        ),
+        num_inference_steps: int = Input(
+            default=50,
+            ge=10,
+            le=200,
+            description="Number of DDIM sampling steps of generation and translation.",
+        ),
+        attention_injection_threshold: float = Input(
+            default=0.5,
+            ge=0.0,
+            le=1.0,
+            description="Fraction of the sampling steps, from the start, during which the source's self-attention queries and keys are injected.",  # noqa: E501
+        ),
+        negative_prompt_schedule: str = Input(
+            default="linear",
+            choices=["linear", "constant", "exp"],
+            description="How the negative prompt's weight evolves over the sampling steps.",
+        ),
+        inversion_prompt: str = Input(
+            default="",
+            description="Text that conditions the inversion of the input image and its source features.",
+        ),
+        image_size: int = Input(
+            default=512,
+            ge=128,
+            le=1024,
+            description="Longer side of the working resolution in pixels (a multiple of 64); the other side keeps the aspect ratio, rounded to a multiple of 64.",  # noqa: E501
+        ),
+        seed: Optional[int] = Input(
+            default=None,
+            ge=0,
+            le=4294967295,
+            description="Seed of the generation noise (generation mode). Leave empty for a random seed; the seed used is logged.",  # noqa: E501
+        ),
+        output_format: str = Input(
+            default="png",
+            choices=["png", "webp", "jpg"],
+            description="Format of the returned images.",
+        ),
+    ) -> list[Path]:
+        # Validate everything before any work, also for callers that bypass Cog's schema.
+        config = PnPConfig.from_mapping(
+            {
+                "ddim_inversion_steps": ddim_inversion_steps,
+                "generation_prompt": generation_prompt,
+                "scale": scale,
+                "feature_injection_threshold": feature_injection_threshold,
+                "translation_prompts": translation_prompts,
+                "negative_prompt": negative_prompt,
+                "negative_prompt_alpha": negative_prompt_alpha,
+                "num_inference_steps": num_inference_steps,
+                "attention_injection_threshold": attention_injection_threshold,
+                "negative_prompt_schedule": negative_prompt_schedule,
+                "inversion_prompt": inversion_prompt,
+                "image_size": image_size,
+                "seed": seed,
+            }
+        )
+        if output_format not in OUTPUT_FORMATS:
+            raise InputError("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}")
+
+        result = self.engine(config, image=input_image)
+
+        if result.seed is not None:
+            print(f"seed: {result.seed}", flush=True)
+        print(result.stats.summary(), flush=True)
+
+        # Cog has sent the previous prediction's files by the time the next one runs (one at a time),
+        # so only the latest directory is kept: a long-running server does not fill its disk.
+        if self._last_output_dir is not None:
+            shutil.rmtree(self._last_output_dir, ignore_errors=True)
+        out_dir = tempfile.mkdtemp(prefix="pnp-out-")
+        self._last_output_dir = out_dir
+        return [Path(path) for path in save_images(result.images, out_dir, output_format)]
