@@ -1,0 +1,370 @@
+"""The Cog service through Cog's own HTTP server (coglet), as Replicate and `docker run` serve it.
+
+A module fixture starts `python -m cog.server.http` on 127.0.0.1 with the tiny random model on the
+CPU, after writing .cog/openapi_schema.json with script/openapi-schema (the server validates inputs
+only with that file), and always stops it. Webhooks go to a small HTTP sink in a thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+HORSE = ROOT / "examples" / "horse.jpg"
+FAST = {"image_size": 128, "num_inference_steps": 10, "ddim_inversion_steps": 10}
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _decode(uri: str) -> Image.Image:
+    header, _, payload = uri.partition(",")
+    assert header.startswith("data:image/") and header.endswith(";base64"), header
+    image = Image.open(io.BytesIO(base64.b64decode(payload)))
+    image.load()
+    return image
+
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen, log_path: Path):
+        self.url, self.process, self.log_path = url, process, log_path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def health(self) -> str:
+        return requests.get(f"{self.url}/health-check", timeout=10).json()["status"]
+
+    def wait_for(self, status: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the server exited:\n{self.log_tail()}"
+            try:
+                last = self.health()
+            except requests.ConnectionError:
+                last = "unreachable"
+            if last == status:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"health-check stayed {last!r}, not {status!r}, for {timeout} s:\n{self.log_tail()}")
+
+    def predict(self, **inputs) -> requests.Response:
+        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=300)
+
+
+class WebhookSink:
+    """Collects the JSON bodies POSTed to http://127.0.0.1:<port>/<path>, by path."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, list[dict]] = {}
+        self.changed = threading.Condition()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                with sink.changed:
+                    sink.events.setdefault(self.path, []).append(body)
+                    sink.changed.notify_all()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def wait(self, path: str, predicate, timeout: float) -> list[dict]:
+        with self.changed:
+            if not self.changed.wait_for(lambda: any(predicate(e) for e in self.events.get(path, [])), timeout):
+                raise AssertionError(f"no matching webhook on {path} in {timeout} s; got {self.events.get(path)}")
+            return list(self.events[path])
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    subprocess.run([sys.executable, str(ROOT / "script" / "openapi-schema")], cwd=ROOT, check=True, timeout=120)
+    port = _free_port()
+    env = dict(os.environ)
+    # coglet starts its worker with the `python` on PATH: it must be this environment's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        COG_PREDICT_TYPE_STUB="predict.py:Predictor",
+        PORT=str(port),
+        PNP_MODEL=str(tiny_model_dir),
+        PNP_DEVICE="cpu",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("PNP_DTYPE", None)
+    log_path = tmp_path_factory.mktemp("cog-server") / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the server and its worker stop together
+        )
+    srv = Server(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        srv.wait_for("READY", timeout=120)
+        yield srv
+    finally:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # the worker, if it outlived the server
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def sink() -> Iterator[WebhookSink]:
+    webhook_sink = WebhookSink()
+    yield webhook_sink
+    webhook_sink.close()
+
+
+@pytest.fixture(scope="module")
+def horse_uri() -> str:
+    return _data_uri(HORSE.read_bytes(), "image/jpeg")
+
+
+def test_health_check_is_ready_with_the_schema(server: Server) -> None:
+    body = requests.get(f"{server.url}/health-check", timeout=10).json()
+    assert body["status"] == "READY"
+    assert body["setup"]["status"] == "succeeded"
+    # The server serves the schema that script/openapi-schema wrote.
+    served = requests.get(f"{server.url}/openapi.json", timeout=10).json()
+    written = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    assert served["components"]["schemas"]["Input"] == written["components"]["schemas"]["Input"]
+
+
+def test_real_image_prediction(server: Server, horse_uri: str) -> None:
+    response = server.predict(input_image=horse_uri, translation_prompts="a robot horse", **FAST)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert len(body["output"]) == 1
+    image = _decode(body["output"][0])
+    assert image.format == "PNG" and image.size == (128, 128)
+    assert np.asarray(image.convert("RGB")).std() > 0  # not a blank image
+    # SPEC 5: every prediction logs its phases with seconds and UNet evals.
+    for phase in ("load", "inversion", "extraction", "translation", "decode"):
+        assert phase in body["logs"]
+    assert "UNet evals" in body["logs"]
+
+
+def test_generation_mode_returns_source_then_one_image_per_prompt(server: Server) -> None:
+    response = server.predict(
+        generation_prompt="a horse in a field",
+        translation_prompts="a robot horse; a zebra;;",
+        seed=7,
+        output_format="webp",
+        **FAST,
+    )
+    body = response.json()
+    assert body["status"] == "succeeded", body.get("error")
+    images = [_decode(uri) for uri in body["output"]]
+    assert len(images) == 3  # the generated source, then the two non-empty prompts
+    assert all(image.format == "WEBP" and image.size == (128, 128) for image in images)
+    assert "seed: 7" in body["logs"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("feature_injection_threshold", 1.5), ("negative_prompt_schedule", "bogus"), ("num_inference_steps", 5)],
+)
+def test_out_of_schema_inputs_get_422(server: Server, name: str, value: object) -> None:
+    response = server.predict(generation_prompt="a horse", **{**FAST, name: value})
+    assert response.status_code == 422, response.text
+    assert name in response.text
+
+
+def test_a_request_the_schema_allows_but_the_engine_refuses_fails_clearly(server: Server) -> None:
+    # 1000 // 10 is not a multiple of 1000 // 30: the schema cannot say so, the predictor does.
+    response = server.predict(input_image=_data_uri(HORSE.read_bytes(), "image/jpeg"), **{**FAST, "ddim_inversion_steps": 30})
+    body = response.json()
+    assert body["status"] == "failed"
+    assert "ddim_inversion_steps" in body["error"]
+    server.wait_for("READY", timeout=10)  # the service stays up
+
+
+def test_a_corrupt_image_fails_with_a_clear_error(server: Server) -> None:
+    corrupt = _data_uri(np.random.default_rng(0).bytes(2048), "image/png")
+    body = server.predict(input_image=corrupt, **FAST).json()
+    assert body["status"] == "failed"
+    assert "input_image" in body["error"] and "could not be read" in body["error"]
+    server.wait_for("READY", timeout=10)  # the service stays up
+
+
+def test_no_image_and_no_generation_prompt_fails_naming_input_image(server: Server) -> None:
+    body = server.predict(**FAST).json()
+    assert body["status"] == "failed"
+    assert "input_image" in body["error"]
+
+
+def test_async_prediction_posts_webhook_events(server: Server, sink: WebhookSink, horse_uri: str) -> None:
+    response = requests.post(
+        f"{server.url}/predictions",
+        json={
+            "input": {"input_image": horse_uri, "translation_prompts": "a; b", **FAST},
+            "webhook": sink.url("/async"),
+            "webhook_events_filter": ["start", "output", "logs", "completed"],
+        },
+        headers={"Prefer": "respond-async"},
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] in ("starting", "processing")
+    prediction_id = response.json()["id"]
+
+    events = sink.wait("/async", lambda e: e.get("status") in TERMINAL, timeout=300)
+    assert all(e["id"] == prediction_id for e in events)
+    final = events[-1]
+    assert final["status"] == "succeeded", final.get("error")
+    assert [_decode(uri).size for uri in final["output"]] == [(128, 128), (128, 128)]
+    assert events[0]["status"] in ("starting", "processing")
+
+
+def test_cancel_a_long_prediction(server: Server, sink: WebhookSink, horse_uri: str) -> None:
+    # On the tiny model on two CPU cores one UNet evaluation at 1024x1024 takes seconds, so 1000
+    # inversion steps and 200 sampling steps would take hours: the prediction is surely running
+    # when it is canceled (a finished one would end "succeeded", not "canceled").
+    prediction_id = f"cancel-{uuid.uuid4().hex[:8]}"
+    response = requests.put(
+        f"{server.url}/predictions/{prediction_id}",
+        json={
+            "id": prediction_id,
+            "input": {"input_image": horse_uri, "image_size": 1024, "num_inference_steps": 200, "ddim_inversion_steps": 1000},
+            "webhook": sink.url("/cancel"),
+            "webhook_events_filter": ["start", "completed"],
+        },
+        headers={"Prefer": "respond-async"},
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    server.wait_for("BUSY", timeout=30)
+    time.sleep(2.0)  # well into the inversion
+    assert server.health() == "BUSY"
+
+    started = time.monotonic()
+    cancel = requests.post(f"{server.url}/predictions/{prediction_id}/cancel", timeout=30)
+    assert cancel.status_code == 200, cancel.text
+    events = sink.wait("/cancel", lambda e: e.get("status") in TERMINAL, timeout=60)
+    assert events[-1]["id"] == prediction_id
+    assert events[-1]["status"] == "canceled"
+    server.wait_for("READY", timeout=60)
+    assert time.monotonic() - started < 60
+
+    # The worker survived the cancel: the next prediction runs normally.
+    body = server.predict(input_image=horse_uri, **FAST).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert _decode(body["output"][0]).size == (128, 128)
+
+
+def test_a_cancel_of_an_unknown_prediction_is_404(server: Server) -> None:
+    response = requests.post(f"{server.url}/predictions/no-such-prediction/cancel", timeout=10)
+    assert response.status_code == 404
+
+
+# --- the predictor in-process: what the server calls, for what HTTP cannot see -----------------------
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model_dir: Path):
+    sys.path.insert(0, str(ROOT))
+    import predict
+
+    saved = {name: os.environ.get(name) for name in ("PNP_MODEL", "PNP_DEVICE", "PNP_DTYPE")}
+    os.environ.update(PNP_MODEL=str(tiny_model_dir), PNP_DEVICE="cpu")
+    os.environ.pop("PNP_DTYPE", None)
+    try:
+        runner = predict.Predictor()
+        runner.setup()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return runner
+
+
+def _run_inputs(**overrides) -> dict:
+    """Every run() argument (called directly, Input() defaults are not applied)."""
+    from pnp.config import INPUTS
+
+    return {"input_image": None, **{name: spec.default for name, spec in INPUTS.items()}, "output_format": "png", **FAST, **overrides}
+
+
+def test_each_prediction_writes_a_fresh_directory(predictor) -> None:
+    first = predictor.run(**_run_inputs(generation_prompt="a horse", translation_prompts="a; b", seed=1))
+    assert [p.name for p in first] == ["out-0.png", "out-1.png", "out-2.png"]
+    assert len({p.parent for p in first}) == 1 and all(p.is_file() for p in first)
+
+    second = predictor.run(**_run_inputs(input_image=HORSE, output_format="jpg"))
+    assert [p.name for p in second] == ["out-0.jpg"]
+    assert second[0].parent != first[0].parent
+    assert Image.open(second[0]).size == (128, 128)
+    assert not first[0].parent.exists()  # the previous prediction's files are gone once it has been served
+
+
+def test_bad_inputs_are_refused_before_any_work(predictor, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pnp.errors import InputError
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the engine ran on a bad request")
+
+    monkeypatch.setattr(predictor, "engine", must_not_run)
+    with pytest.raises(InputError, match="^output_format: "):
+        predictor.run(**_run_inputs(generation_prompt="a horse", output_format="gif"))
+    with pytest.raises(InputError, match="^image_size: .*multiple of 64"):
+        predictor.run(**_run_inputs(generation_prompt="a horse", image_size=200))
+    with pytest.raises(InputError, match="^scale: "):
+        predictor.run(**_run_inputs(generation_prompt="a horse", scale=31.0))
