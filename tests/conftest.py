@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from pnp.testing import make_random_model
+
+# The tiny models gain nothing from threads, and on a 2-core machine shared with a test server,
+# oversubscribed OpenMP threads make each UNet call many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,64 @@
+"""The benchmark runs end to end on the tiny model, and its UNet evaluation counts match SPEC 5's cost model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.run import expected_evals, main, published_evals
+from pnp import PnPConfig
+
+
+def test_expected_evals_match_spec_5_at_defaults() -> None:
+    one, four = PnPConfig.from_mapping({}), PnPConfig.from_mapping({"translation_prompts": "a;b;c;d"})
+    assert expected_evals(one) == 190  # 90 + 100 P
+    assert expected_evals(four) == 490
+    assert expected_evals(four, repeat=True) == 400  # 100 P
+    generation = PnPConfig.from_mapping({"generation_prompt": "a horse", "translation_prompts": "a;b"})
+    assert expected_evals(generation) == 2 * 50 + 2 * 50 * 2
+    assert published_evals(1) == 999 + 2 * 999 + 100
+    assert published_evals(4) == 999 + 2 * 999 + 400
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The tiny model's small ops run faster on one thread, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_benchmark_counts_follow_the_cost_model(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    out = tmp_path / "results.json"
+    returned = main(["--model", str(tiny_model_dir), "--image-size", "128", "--steps", "10", "--json", str(out)])
+    table = json.loads(out.read_text())
+    assert table == json.loads(json.dumps(returned))
+
+    rows = table["rows"]
+    assert [(r["request"], r["prompts"], r["cache_hit"]) for r in rows] == [
+        ("new image", 1, False),
+        ("new image", 4, False),
+        ("repeat (cached)", 4, True),
+        ("generation", 1, False),
+    ]
+    # N = 10, M = 50: inversion 50, extraction max(int(8.0), int(5.0)) = 8, translation 2·10·P.
+    assert [r["expected_evals"] for r in rows] == [50 + 8 + 20, 50 + 8 + 80, 80, 20 + 20]
+    for row in rows:
+        assert row["unet_evals"] == row["expected_evals"], row
+        assert row["published_over_ours"] == pytest.approx(row["published_evals"] / row["unet_evals"])
+        assert row["peak_memory_mib"] > 0
+    assert rows[2]["inversion_s"] == 0 and rows[2]["extraction_s"] == 0
+
+    header = table["header"]
+    assert header["image_size"] == 128 and header["num_inference_steps"] == 10 and header["dtype"] == "float32"
+    assert {"device", "torch", "diffusers"} <= set(header)
+    printed = capsys.readouterr().out
+    assert "UNet evals" in printed and "SPEC 5" in printed and "pub/ours" in printed
+    assert f"device: {header['device']}" in printed
