@@ -1,0 +1,110 @@
+"""Model loading: local directories, fp16-only downloads, device and dtype rules, and what is refused."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from pnp import ModelError, PnPEngine
+from pnp import models
+from pnp.models import load_model, select_dtype
+
+
+def test_loads_through_the_production_loader_on_the_cpu_in_float32(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("PNP_MODEL", str(tiny_model_dir))
+    monkeypatch.delenv("PNP_DTYPE", raising=False)
+    monkeypatch.setenv("PNP_DEVICE", "cpu")
+    model = load_model()
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+    assert model.unet.dtype == model.vae.dtype == model.text_encoder.dtype == torch.float32
+    assert not model.unet.training
+    processors = {type(p).__name__ for p in model.unet.attn_processors.values()}
+    assert processors == {"AttnProcessor2_0"}  # torch's scaled_dot_product_attention
+
+
+def test_dtype_rules(monkeypatch):
+    monkeypatch.delenv("PNP_DTYPE", raising=False)
+    assert select_dtype(torch.device("cuda")) == torch.float16
+    assert select_dtype(torch.device("cpu")) == torch.float32
+    assert select_dtype(torch.device("cuda"), "bfloat16") == torch.bfloat16
+    monkeypatch.setenv("PNP_DTYPE", "bfloat16")
+    assert select_dtype(torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ModelError, match="PNP_DTYPE"):
+        select_dtype(torch.device("cpu"), "float8")
+
+
+def test_bfloat16_on_request(tiny_model_dir):
+    model = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    assert model.unet.dtype == torch.bfloat16
+
+
+def test_fp16_only_checkpoint_as_the_download_script_leaves_it(tiny_model_dir, tmp_path):
+    fp16_dir = tmp_path / "fp16"
+    shutil.copytree(tiny_model_dir, fp16_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").save_pretrained(fp16_dir / "unet", variant="fp16")
+    CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder").save_pretrained(fp16_dir / "text_encoder", variant="fp16")
+    shutil.copytree(tiny_model_dir / "vae", fp16_dir / "vae", dirs_exist_ok=True)
+    assert list((fp16_dir / "unet").glob("*.safetensors"))[0].name == "diffusion_pytorch_model.fp16.safetensors"
+    model = load_model(str(fp16_dir), device="cpu")
+    reference = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    torch.testing.assert_close(model.unet.conv_in.weight, reference.conv_in.weight)
+
+
+def test_v_prediction_is_refused(tmp_path):
+    from pnp.testing import make_random_model
+
+    path = make_random_model(tmp_path / "v", prediction_type="v_prediction")
+    with pytest.raises(ModelError, match="v_prediction"):
+        load_model(str(path), device="cpu")
+
+
+def test_unet_without_the_injection_sites_is_refused(tiny_model_dir, tmp_path):
+    other = tmp_path / "shallow"
+    shutil.copytree(tiny_model_dir, other, ignore=shutil.ignore_patterns("unet"))
+    config = dict(UNet2DConditionModel.load_config(tiny_model_dir / "unet"))
+    config["layers_per_block"] = 1  # up blocks then hold 2 ResNets and attentions, not 3
+    UNet2DConditionModel.from_config(config).save_pretrained(other / "unet")
+    with pytest.raises(ModelError, match="injection sites"):
+        load_model(str(other), device="cpu")
+
+
+def test_incomplete_directory_is_refused(tiny_model_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_model_dir, partial, ignore=shutil.ignore_patterns("vae"))
+    with pytest.raises(ModelError, match="vae"):
+        load_model(str(partial), device="cpu")
+
+
+def test_offline_without_local_weights_says_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("PNP_MODEL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(models, "DEFAULT_WEIGHTS", tmp_path / "weights" / "sd")
+    with pytest.raises(ModelError) as error:
+        load_model(device="cpu")
+    assert "script/download-weights" in str(error.value) and "PNP_MODEL" in str(error.value)
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelError, match="could not download 'someone/some-model'"):
+        load_model("someone/some-model", device="cpu")
+
+
+def test_missing_local_path_is_not_mistaken_for_a_hub_id(tmp_path):
+    with pytest.raises(ModelError, match="neither a diffusers directory nor a hub id"):
+        load_model(str(tmp_path / "no" / "such" / "dir"), device="cpu")
+
+
+def test_engine_from_pretrained_reads_the_environment(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("PNP_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("PNP_DEVICE", "cpu")
+    monkeypatch.setenv("PNP_CACHE_BYTES", "12345")
+    engine = PnPEngine.from_pretrained()
+    assert engine.model.name == str(tiny_model_dir.resolve())
+    assert engine.cache.max_bytes == 12345
