@@ -130,6 +130,9 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         PNP_MODEL=str(tiny_model_dir),
         PNP_DEVICE="cpu",
         PYTHONUNBUFFERED="1",
+        # One torch thread, as in the test process (conftest.py): oversubscribed OpenMP threads on a
+        # small shared machine make each UNet call many times slower.
+        OMP_NUM_THREADS="1",
     )
     env.pop("PNP_DTYPE", None)
     log_path = tmp_path_factory.mktemp("cog-server") / "server.log"
