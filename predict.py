@@ -86,7 +86,7 @@ class Predictor(BaseRunner):
             default=1.0,
             ge=0.0,
             le=1.0,
-            description="Strength of the negative prompt: 1 leaves it out, lower values weigh it more.",
+            description="Strength of the negative prompt, lower is stronger: the unconditional branch gets weight alpha times the schedule, the negative prompt the rest (with the constant schedule, 1 leaves it out).",
         ),
         num_inference_steps: int = Input(
             default=50,

@@ -41,6 +41,11 @@ class SourceEntry:
     def nbytes(self) -> int:
         return self.features.nbytes + sum(t.numel() * t.element_size() for t in self.latents.values())
 
+    def is_finite(self) -> bool:
+        """Whether every latent and feature is finite (one device synchronisation)."""
+        tensors = [*self.latents.values(), *self.features.features.values()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
 
 class SourceCache:
     """Least recently used entries go first once the total exceeds `max_bytes`."""

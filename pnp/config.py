@@ -71,7 +71,7 @@ INPUTS: dict[str, InputSpec] = {
     ),
     "negative_prompt_alpha": InputSpec(
         1.0,
-        "Strength of the negative prompt: 1 leaves it out, lower values weigh it more.",
+        "Strength of the negative prompt, lower is stronger: the unconditional branch gets weight alpha times the schedule, the negative prompt the rest (with the constant schedule, 1 leaves it out).",
         minimum=0.0,
         maximum=1.0,
     ),

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .cache import SourceCache, SourceEntry, SourceKey
 from .config import INPUTS, PnPConfig
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 from .image_io import image_to_tensor, load_image, prepare_image, tensor_to_images
 from .injection import FeatureInjector, SourceFeatures
 from .inversion import extract_features, invert
@@ -140,8 +140,32 @@ class PnPEngine:
 
     @torch.no_grad()
     def __call__(self, config: PnPConfig, image: str | os.PathLike | Image.Image | None = None) -> PnPResult:
-        """Translate `image` (or, in generation mode, a source generated from `config.generation_prompt`)."""
+        """Translate `image` (or, in generation mode, a source generated from `config.generation_prompt`).
+
+        Non-finite numbers in float16 or bfloat16 get the request one more run in float32 before it fails.
+        """
         stats = RunStats()
+        prepared = None
+        if not config.generation_mode:
+            if image is None:
+                raise InputError("input_image", "give an image to edit, or a generation_prompt to generate one")
+            spec = INPUTS["ddim_inversion_steps"]
+            self.schedule.check_nesting(
+                config.num_inference_steps, config.ddim_inversion_steps, spec.minimum, spec.maximum
+            )
+            with self._phase(stats, "load"):
+                prepared = prepare_image(load_image(image), config.image_size)
+        seed = config.seed if config.seed is not None or not config.generation_mode else secrets.randbits(32)
+        try:
+            return self._run(config, prepared, seed, stats)
+        except NonFiniteError as error:
+            if self.model.dtype == torch.float32:
+                raise
+            logger.warning("%s in %s; running the request again in float32", error, self.model.dtype)
+            with self.model.in_float32():
+                return self._run(config, prepared, seed, stats)
+
+    def _run(self, config: PnPConfig, prepared: Image.Image | None, seed: int | None, stats: RunStats) -> PnPResult:
         num_steps = config.num_inference_steps
         timesteps = self.schedule.sampling_timesteps(num_steps)
         needed_steps = max(config.feature_injection_steps, config.attention_injection_steps)
@@ -155,9 +179,7 @@ class PnPEngine:
             negative=embeddings[-1:] if negative else None,
         )
 
-        seed = None
-        if config.generation_mode:
-            seed = config.seed if config.seed is not None else secrets.randbits(32)
+        if prepared is None:
             logger.info("seed %d", seed)
             noise = torch.randn(
                 (1, 4, config.image_size // 8, config.image_size // 8),
@@ -179,7 +201,7 @@ class PnPEngine:
                 )
             start = noise
         else:
-            entry = self._source_entry(config, image, timesteps, needed_steps, source_text, stats)
+            entry = self._source_entry(config, prepared, timesteps, source_text, stats)
             source, start, source_latent = entry.features, entry.latents[timesteps[0]], None
 
         weights = (
@@ -203,40 +225,32 @@ class PnPEngine:
         with self._phase(stats, "decode"):
             latents = translated if source_latent is None else torch.cat([source_latent, translated])
             images = tensor_to_images(self.model.decode_latents(latents, self._batch_size(start)))
-        logger.info("done\n%s", stats.summary())
         return PnPResult(images=images, seed=seed, stats=stats)
 
     def _source_entry(
         self,
         config: PnPConfig,
-        image: str | os.PathLike | Image.Image | None,
+        prepared: Image.Image,
         timesteps: list[int],
-        needed_steps: int,
         inversion_text: torch.Tensor,
         stats: RunStats,
     ) -> SourceEntry:
         """The inversion latents and source features of a real image, from the cache or computed (only
-        the missing steps of features), and cached once complete."""
-        if image is None:
-            raise InputError("input_image", "give an image to edit, or a generation_prompt to generate one")
-        spec = INPUTS["ddim_inversion_steps"]
-        self.schedule.check_nesting(config.num_inference_steps, config.ddim_inversion_steps, spec.minimum, spec.maximum)
-        with self._phase(stats, "load"):
-            prepared = prepare_image(load_image(image), config.image_size)
-            key = SourceKey(
-                model=self.model.name,
-                image_digest=hashlib.sha256(prepared.tobytes()).hexdigest(),
-                width=prepared.width,
-                height=prepared.height,
-                ddim_inversion_steps=config.ddim_inversion_steps,
-                num_inference_steps=config.num_inference_steps,
-                inversion_prompt=config.inversion_prompt,
-            )
-            entry = self.cache.get(key)
-            stats.cache_hit = entry is not None
-            if entry is None:
-                latent = self.model.encode_image(image_to_tensor(prepared))
+        the missing steps of features), and cached once complete and finite."""
+        key = SourceKey(
+            model=f"{self.model.name} {self.model.dtype}",
+            image_digest=hashlib.sha256(prepared.tobytes()).hexdigest(),
+            width=prepared.width,
+            height=prepared.height,
+            ddim_inversion_steps=config.ddim_inversion_steps,
+            num_inference_steps=config.num_inference_steps,
+            inversion_prompt=config.inversion_prompt,
+        )
+        entry = self.cache.get(key)
+        stats.cache_hit = entry is not None
         if entry is None:
+            with self._phase(stats, "load"):
+                latent = self.model.encode_image(image_to_tensor(prepared))
             with self._phase(stats, "inversion"):
                 latents = invert(
                     self.model.unet, self.schedule, latent, inversion_text, config.ddim_inversion_steps, set(timesteps)
@@ -260,5 +274,7 @@ class PnPEngine:
                 )
             entry = SourceEntry(entry.latents, features.extended(extracted, first))
         if short or not stats.cache_hit:
+            if not entry.is_finite():
+                raise NonFiniteError("the inversion of the image produced NaN or infinite values")
             self.cache.put(key, entry)
         return entry

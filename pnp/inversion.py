@@ -29,10 +29,12 @@ def invert(
     timesteps = schedule.inversion_timesteps(num_steps)
     z = latent.float()
     kept: dict[int, torch.Tensor] = {}
+    # Timesteps as device tensors up front: a Python int would be copied to the device at every call.
+    device_timesteps = torch.tensor(timesteps, device=latent.device)
     for i, timestep in enumerate(timesteps):
         alpha = schedule.alpha(timestep)
         alpha_prev = schedule.alpha(timesteps[i - 1] if i > 0 else None)
-        eps = unet(z.to(unet.dtype), timestep, encoder_hidden_states=text_embedding).sample.float()
+        eps = unet(z.to(unet.dtype), device_timesteps[i], encoder_hidden_states=text_embedding).sample.float()
         z = alpha**0.5 * (z - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5 + (1 - alpha) ** 0.5 * eps
         if timestep in keep:
             kept[timestep] = z
@@ -52,9 +54,10 @@ def extract_features(
 ) -> SourceFeatures:
     """Source features of `unet(latents[i], timesteps[i], text_embedding)`, several timesteps per UNet call."""
     captures = []
+    device_timesteps = torch.tensor(timesteps, device=text_embedding.device)
     for start in range(0, len(latents), batch_size):
         chunk = torch.cat(latents[start : start + batch_size]).to(unet.dtype)
-        steps = torch.tensor(timesteps[start : start + batch_size], device=chunk.device)
+        steps = device_timesteps[start : start + batch_size]
         with injector.capturing() as captured:
             unet(chunk, steps, encoder_hidden_states=text_embedding.expand(len(chunk), -1, -1))
         captures.append(captured)

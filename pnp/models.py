@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,21 @@ class StableDiffusion:
     scheduler_config: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
+
+    @contextmanager
+    def in_float32(self) -> Iterator[None]:
+        """Run the models in float32 inside the block, and in their own dtype again after it."""
+        original = self.dtype
+        modules = (self.unet, self.vae, self.text_encoder)
+        for module in modules:
+            module.to(torch.float32)
+        self.dtype = torch.float32
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to(original)
+            self.dtype = original
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -115,7 +132,7 @@ def download_weights(model_id: str = DEFAULT_MODEL_ID, local_dir: Path | None = 
     except Exception as error:  # the hub client raises many kinds: offline, not found, gated, HTTP
         raise ModelError(
             f"could not download {model_id!r} ({type(error).__name__}: {error}). Run script/download-weights "
-            f"on a machine with network access to fill {DEFAULT_WEIGHTS}, or set PNP_MODEL to a local "
+            f"on a machine with network access to fill {local_dir or DEFAULT_WEIGHTS}, or set PNP_MODEL to a local "
             "diffusers directory."
         ) from error
     if _weights_missing(path):

@@ -93,6 +93,8 @@ def sample(
         CONDITIONAL: prompts.targets,
     }
     captures = []
+    # Timesteps as device tensors up front: a Python int would be copied to the device at every call.
+    device_timesteps = torch.tensor(timesteps, device=start.device)
     for i, timestep in enumerate(timesteps):
         branches = _branches(negative_weights[i], prompts.negative is not None)
         latents = x.repeat(len(branches), 1, 1, 1).to(unet.dtype)
@@ -103,7 +105,7 @@ def sample(
             for lo in range(0, len(latents), batch_size):
                 hi = lo + batch_size
                 with injector.injecting({key: value[lo:hi] for key, value in features.items()}):
-                    outputs.append(unet(latents[lo:hi], timestep, encoder_hidden_states=context[lo:hi]).sample)
+                    outputs.append(unet(latents[lo:hi], device_timesteps[i], encoder_hidden_states=context[lo:hi]).sample)
         if i < capture_steps:
             captures.append(captured)
         eps_by_branch = dict(zip(branches, torch.cat(outputs).float().split(count)))
