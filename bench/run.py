@@ -1,0 +1,257 @@
+"""Benchmark: a fixed set of requests on one engine, timed per phase and checked against SPEC 5's cost model.
+
+    python -m bench.run                                   # tiny random model on the CPU
+    python -m bench.run --model /path/to/sd15             # any diffusers directory
+    python -m bench.run --full-size-random /tmp/sd15-random --device cuda --dtype float16
+
+The requests, in order, on ONE engine (so the inversion cache works as it does in the service):
+  1. new image, 1 prompt          2. another new image (the horse mirrored), 4 prompts
+  3. repeat of 2 with 4 other prompts (cached inversion and features)
+  4. generation mode, 1 prompt, fixed seed
+On CUDA a warm-up request runs first and is not reported. For each request the table gives the
+seconds of each engine phase, the wall time of the call, peak memory, the UNet evaluations the
+engine counted, those SPEC 5 expects, those the published model spends, and the ratio of the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from PIL import Image, ImageOps
+
+from pnp import PnPConfig, PnPEngine
+from pnp.engine import PHASES
+from pnp.testing import make_random_model
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_IMAGE = REPO / "examples" / "horse.jpg"
+DEFAULT_JSON = REPO / "bench" / "results.json"
+TINY_IMAGE_SIZE = 256  # the tiny model's first blocks attend over every latent pixel: 512 takes minutes a request on 2 cores
+
+# The published model (daanelson/plug_and_play_image_translation): a 999-step inversion, a 999-step
+# reconstruction with two UNet evaluations a step, then 50 sampling steps of two evaluations per prompt.
+PUBLISHED_INVERSION_STEPS = 999
+PUBLISHED_SAMPLING_STEPS = 50
+
+PROMPTS_1 = ["a photo of a robot horse"]
+PROMPTS_4 = ["a photo of a zebra", "a bronze statue of a horse", "a watercolor painting of a horse", "a toy horse made of lego"]
+PROMPTS_4_OTHER = ["a photo of a unicorn", "a marble statue of a horse", "a pencil sketch of a horse", "a horse made of wood"]
+GENERATION_PROMPT = "a photo of a horse in a field"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One benchmarked request: its label, the config's inputs and the image (None in generation mode)."""
+
+    name: str
+    inputs: dict[str, Any]
+    image: Image.Image | Path | None
+    repeat: bool = False
+
+
+def expected_evals(config: PnPConfig, repeat: bool = False) -> int:
+    """SPEC 5's UNet evaluations for a request without a negative prompt.
+
+    Real image: M inversion + max(n_f, n_a) extraction + 2·N·P translation; a repeat on the same image
+    and inversion settings: 2·N·P. Generation: 2·N for the guided source pass + 2·N·P.
+    """
+    n, prompts = config.num_inference_steps, len(config.translation_prompts)
+    translation = 2 * n * prompts
+    if config.generation_mode:
+        return 2 * n + translation
+    if repeat:
+        return translation
+    extraction = max(config.feature_injection_steps, config.attention_injection_steps)
+    return config.ddim_inversion_steps + extraction + translation
+
+
+def published_evals(prompts: int) -> int:
+    """The published model's UNet evaluations for P prompts: 999 + 2·999 + 2·50·P, whatever the request
+    (it has no cache; in generation mode it also inverted the generated image, so the same formula is used)."""
+    return PUBLISHED_INVERSION_STEPS + 2 * PUBLISHED_INVERSION_STEPS + 2 * PUBLISHED_SAMPLING_STEPS * prompts
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model from /proc/cpuinfo with its core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} torch threads"
+
+
+def _display_path(path: Path) -> str:
+    """`path` relative to the working directory where it lies under it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak allocated CUDA memory since the last reset, or the process's peak RSS on the CPU (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def requests(image_path: Path, image_size: int, steps: int) -> list[Request]:
+    """The four benchmarked requests; all use SPEC 2's defaults except the prompts, size and steps."""
+    common = {"image_size": image_size, "num_inference_steps": steps}
+    mirrored = ImageOps.mirror(ImageOps.exif_transpose(Image.open(image_path)).convert("RGB"))
+    return [
+        Request("new image", {**common, "translation_prompts": PROMPTS_1}, image_path),
+        Request("new image", {**common, "translation_prompts": PROMPTS_4}, mirrored),
+        Request("repeat (cached)", {**common, "translation_prompts": PROMPTS_4_OTHER}, mirrored, repeat=True),
+        Request("generation", {**common, "translation_prompts": PROMPTS_1, "generation_prompt": GENERATION_PROMPT, "seed": 0}, None),
+    ]
+
+
+def run_request(engine: PnPEngine, request: Request) -> dict[str, Any]:
+    """Run one request and return its table row."""
+    device = engine.model.device
+    config = PnPConfig.from_mapping(request.inputs)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = engine(config, image=request.image)
+    wall = time.perf_counter() - start
+    ours, published = result.stats.unet_evals, published_evals(len(config.translation_prompts))
+    return {
+        "request": request.name,
+        "prompts": len(config.translation_prompts),
+        "cache_hit": result.stats.cache_hit,
+        **{f"{name}_s": result.stats.phases[name].seconds for name in PHASES},
+        "total_s": wall,
+        "peak_memory_mib": peak_memory_mib(device),
+        "unet_evals": ours,
+        "expected_evals": expected_evals(config, request.repeat),
+        "published_evals": published,
+        "published_over_ours": published / ours,
+    }
+
+
+def warm_up(engine: PnPEngine, image_path: Path, image_size: int, steps: int) -> None:
+    """One unreported request on a third image (the horse upside down, so no benchmarked request hits
+    its cache), then a cached repeat with 4 prompts, so kernels for every batch size are chosen."""
+    flipped = ImageOps.flip(ImageOps.exif_transpose(Image.open(image_path)).convert("RGB"))
+    common = {"image_size": image_size, "num_inference_steps": steps}
+    engine(PnPConfig.from_mapping({**common, "translation_prompts": PROMPTS_1}), image=flipped)
+    engine(PnPConfig.from_mapping({**common, "translation_prompts": PROMPTS_4}), image=flipped)
+
+
+COLUMNS = [
+    ("request", "request", "{:<16}"),
+    ("prompts", "P", "{:>2}"),
+    ("cache_hit", "cache", "{!s:>5}"),
+    *[(f"{name}_s", name, "{:>11.2f}") for name in PHASES],
+    ("total_s", "total s", "{:>8.2f}"),
+    ("peak_memory_mib", "peak MiB", "{:>9.0f}"),
+    ("unet_evals", "UNet evals", "{:>10}"),
+    ("expected_evals", "SPEC 5", "{:>6}"),
+    ("published_evals", "published", "{:>9}"),
+    ("published_over_ours", "pub/ours", "{:>8.1f}"),
+]
+
+
+def format_table(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The header lines and the rows as a fixed-width text table."""
+    lines = [f"{key}: {value}" for key, value in header.items()]
+    widths = [len(fmt.format(rows[0][key])) if rows else len(title) for key, title, fmt in COLUMNS]
+    widths = [max(w, len(title)) for w, (_, title, _) in zip(widths, COLUMNS)]
+    lines.append("  ".join(title.rjust(w) if i else title.ljust(w) for i, (w, (_, title, _)) in enumerate(zip(widths, COLUMNS))))
+    for row in rows:
+        cells = [fmt.format(row[key]) for key, _, fmt in COLUMNS]
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (w, c) in enumerate(zip(widths, cells))))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", help="diffusers model directory (default: a tiny random model in a temp dir)")
+    model.add_argument("--full-size-random", metavar="DIR", help="write a random SD 1.5-sized model to DIR if absent, and use it")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="input image (default: examples/horse.jpg)")
+    parser.add_argument("--image-size", type=int, help=f"working size (default 512; {TINY_IMAGE_SIZE} for the tiny default model)")
+    parser.add_argument("--steps", type=int, default=50, help="num_inference_steps (default 50)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the table as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print its table, write it as JSON and return it ({"header", "rows"})."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="pnp-bench-") as tmp:
+        tiny = args.model is None and args.full_size_random is None
+        if tiny:
+            model_dir, model_label = make_random_model(Path(tmp) / "tiny"), "tiny random model (SD layout, tiny widths)"
+        elif args.full_size_random:
+            model_dir = Path(args.full_size_random)
+            if not (model_dir / "model_index.json").is_file():
+                print(f"writing a random SD 1.5-sized model to {model_dir} ...", file=sys.stderr)
+                make_random_model(model_dir, size="full")
+            model_label = f"random SD 1.5-sized model ({model_dir})"
+        else:
+            model_dir, model_label = Path(args.model), str(args.model)
+        image_size = args.image_size or (TINY_IMAGE_SIZE if tiny else 512)
+
+        engine = PnPEngine.from_pretrained(str(model_dir), device=args.device, dtype=args.dtype)
+        device = engine.model.device
+        if device.type == "cuda":
+            warm_up(engine, args.image, image_size, args.steps)
+        engine.cache.clear()
+        rows = [run_request(engine, request) for request in requests(args.image, image_size, args.steps)]
+
+    header = {
+        "model": model_label,
+        "device": device_name(device),
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "image": _display_path(args.image),
+        "image_size": image_size,
+        "num_inference_steps": args.steps,
+        "peak memory": "CUDA max_memory_allocated per request" if device.type == "cuda"
+        else "process peak RSS (a high-water mark of the whole process, never goes down)",
+        "warm-up": "one unreported request first" if device.type == "cuda" else "none (CPU)",
+    }
+    if device.type == "cpu":
+        header["load average"] = " ".join(f"{load:.1f}" for load in os.getloadavg()) + " (1, 5, 15 min; after the run)"
+    if tiny:
+        header["note"] = (
+            f"tiny random model: timings show the engine's overheads, not a real model's speed"
+            + ("" if args.image_size else f"; image size {TINY_IMAGE_SIZE} by default for it (512 for real models)")
+        )
+    table = {"header": header, "rows": rows}
+    print(format_table(header, rows))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(table, indent=2) + "\n")
+    print(f"\nwritten to {args.json}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
