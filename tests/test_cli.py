@@ -1,0 +1,50 @@
+"""The command line: `python -m pnp IMAGE PROMPTS --out DIR` and its generation form."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from pnp.cli import main
+
+FAST = ["--image_size", "128", "--num_inference_steps", "10", "--ddim_inversion_steps", "10", "--device", "cpu"]
+
+
+def test_translates_an_image_with_a_preset_and_overrides(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["examples/horse.jpg", "a robot horse; a zebra", "--out", str(out), "--model", str(tiny_model_dir), "--config", "primitive", *FAST])
+    printed = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert printed[:2] == [str(out / "out-0.png"), str(out / "out-1.png")]
+    assert all(Image.open(out / f"out-{i}.png").size == (128, 128) for i in range(2))
+    # The primitive preset's negative prompt is on: its branch shows in the translation's evaluations.
+    translation = next(line for line in printed if line.startswith("translation"))
+    assert int(translation.split()[-3]) > 2 * 10 * 2
+
+
+def test_generation_form_writes_the_source_first_and_prints_the_seed(tiny_model_dir, tmp_path, capsys):
+    code = main(["--generation_prompt", "a horse", "a zebra", "--out", str(tmp_path), "--model", str(tiny_model_dir), "--seed", "5", "--output_format", "jpg", *FAST])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-0.jpg", "out-1.jpg"]
+    assert "seed: 5" in printed
+
+
+def test_bad_input_is_an_error_naming_it(tiny_model_dir, tmp_path, capsys):
+    code = main(["examples/horse.jpg", "a cat", "--out", str(tmp_path), "--model", str(tiny_model_dir), "--scale", "99", *FAST])
+    assert code == 1
+    assert "scale" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_image_is_required_unless_generating(tiny_model_dir, tmp_path, capsys):
+    assert main(["a cat", "--out", str(tmp_path), "--model", str(tiny_model_dir), *FAST]) == 2
+    assert "IMAGE PROMPTS" in capsys.readouterr().err
+
+
+def test_runs_as_a_module():
+    help_text = subprocess.run([sys.executable, "-m", "pnp", "--help"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
+    assert "--feature_injection_threshold" in help_text and "--generation_prompt" in help_text
