@@ -21,7 +21,7 @@ from PIL import Image
 
 from .cache import SourceCache, SourceEntry, SourceKey
 from .config import INPUTS, PnPConfig
-from .errors import InputError, NonFiniteError
+from .errors import InputError, ModelError, NonFiniteError
 from .image_io import image_to_tensor, load_image, prepare_image, tensor_to_images
 from .injection import FeatureInjector, SourceFeatures
 from .inversion import extract_features, invert
@@ -85,7 +85,10 @@ class PnPResult:
 def default_cache_bytes(device: torch.device) -> int:
     """`PNP_CACHE_BYTES`, else a fifth of the device's memory (the GPU's, or the machine's on the CPU)."""
     if "PNP_CACHE_BYTES" in os.environ:
-        return int(os.environ["PNP_CACHE_BYTES"])
+        value = os.environ["PNP_CACHE_BYTES"]
+        if not value.isdigit():
+            raise ModelError(f"PNP_CACHE_BYTES: must be a whole number of bytes, not {value!r}")
+        return int(value)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     else:

@@ -14,4 +14,4 @@ class NonFiniteError(RuntimeError):
 
 
 class ModelError(RuntimeError):
-    """The model could not be found, downloaded or used for Plug-and-Play; the message says what to do."""
+    """The model, or a PNP_* setting of how to run it, is unusable; the message says what to do."""

@@ -108,3 +108,9 @@ def test_engine_from_pretrained_reads_the_environment(tiny_model_dir, monkeypatc
     engine = PnPEngine.from_pretrained()
     assert engine.model.name == str(tiny_model_dir.resolve())
     assert engine.cache.max_bytes == 12345
+
+
+def test_a_bad_cache_bound_is_a_clear_error(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("PNP_CACHE_BYTES", "2GB")
+    with pytest.raises(ModelError, match="PNP_CACHE_BYTES"):
+        PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")
