@@ -158,7 +158,9 @@ class PnPEngine:
             )
             with self._phase(stats, "load"):
                 prepared = prepare_image(load_image(image), config.image_size)
-        seed = config.seed if config.seed is not None or not config.generation_mode else secrets.randbits(32)
+        seed = None
+        if config.generation_mode:
+            seed = config.seed if config.seed is not None else secrets.randbits(32)
         try:
             return self._run(config, prepared, seed, stats)
         except NonFiniteError as error:

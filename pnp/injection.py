@@ -115,7 +115,8 @@ class FeatureInjector:
         self._sites = locate_sites(unet)
         self._captured: dict[str, list[torch.Tensor]] | None = None
         self._injected: Mapping[str, torch.Tensor] = {}
-        self._handles = [module.register_forward_hook(self._hook(key)) for key, module in self._sites.items()]
+        for key, module in self._sites.items():
+            module.register_forward_hook(self._hook(key))
 
     def _hook(self, key: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -125,10 +126,6 @@ class FeatureInjector:
             return output if replacement is None else replacement.to(output.dtype)
 
         return hook
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
     @contextmanager
     def capturing(self) -> Iterator[dict[str, torch.Tensor]]:
