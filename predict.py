@@ -18,9 +18,8 @@ from typing import Optional
 
 from cog import BaseRunner, Input, Path
 
-from pnp.config import OUTPUT_FORMATS, PnPConfig
+from pnp.config import PnPConfig, check_output_format
 from pnp.engine import PnPEngine
-from pnp.errors import InputError
 from pnp.image_io import save_images
 
 logger = logging.getLogger("pnp.predict")
@@ -145,8 +144,7 @@ class Predictor(BaseRunner):
                 "seed": seed,
             }
         )
-        if output_format not in OUTPUT_FORMATS:
-            raise InputError("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}")
+        check_output_format(output_format)
 
         result = self.engine(config, image=input_image)
 

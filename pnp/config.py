@@ -122,6 +122,13 @@ def parse_prompts(text: str) -> tuple[str, ...]:
     return prompts
 
 
+def check_output_format(output_format: str) -> str:
+    """The format of the returned images, refused unless it is one of OUTPUT_FORMATS."""
+    if output_format not in OUTPUT_FORMATS:
+        raise InputError("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}")
+    return output_format
+
+
 def _check_number(name: str, value: Any, spec: InputSpec) -> int | float:
     integral = isinstance(spec.default, int) or name == "seed"
     if isinstance(value, bool) or not isinstance(value, (int, float)):

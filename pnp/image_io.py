@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import OUTPUT_FORMATS
+from .config import check_output_format
 from .errors import InputError, NonFiniteError
 
 MAX_INPUT_PIXELS: int = 50_000_000
@@ -131,9 +131,7 @@ def tensor_to_images(decoded: torch.Tensor) -> list[Image.Image]:
 
 def save_images(images: Sequence[Image.Image], out_dir: str | os.PathLike, output_format: str) -> list[Path]:
     """Write `out-0.<format>`, `out-1.<format>`, ... into `out_dir` (created if missing) and return their paths."""
-    if output_format not in OUTPUT_FORMATS:
-        raise InputError("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}")
-    pil_format, options = _SAVE_OPTIONS[output_format]
+    pil_format, options = _SAVE_OPTIONS[check_output_format(output_format)]
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -41,17 +41,12 @@ class NoiseSchedule:
         """ᾱ[t], or ᾱ_final where there is no further timestep."""
         return self.final_alpha_cumprod if timestep is None else self.alphas_cumprod[timestep]
 
-    def valid_inversion_steps(self, num_inference_steps: int, low: int, high: int) -> list[int]:
-        """All inversion step counts in [low, high] whose timesteps contain every sampling timestep."""
-        sampling = set(self.sampling_timesteps(num_inference_steps))
-        return [m for m in range(low, high + 1) if sampling <= set(self.sampling_timesteps(m))]
-
     def check_nesting(self, num_inference_steps: int, ddim_inversion_steps: int, low: int, high: int) -> None:
-        """Refuse inversion steps whose timesteps miss a sampling timestep, naming the nearest valid ones."""
+        """Refuse inversion steps whose timesteps miss a sampling timestep, naming the nearest valid counts in [low, high]."""
         sampling = set(self.sampling_timesteps(num_inference_steps))
         if sampling <= set(self.sampling_timesteps(ddim_inversion_steps)):
             return
-        valid = self.valid_inversion_steps(num_inference_steps, low, high)
+        valid = [m for m in range(low, high + 1) if sampling <= set(self.sampling_timesteps(m))]
         nearest = sorted(sorted(valid, key=lambda m: (abs(m - ddim_inversion_steps), m))[:3])
         raise InputError(
             "ddim_inversion_steps",
