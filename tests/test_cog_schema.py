@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from packaging.version import Version
 
 from pnp.config import INPUTS, OUTPUT_FORMATS
 
@@ -105,6 +106,24 @@ def test_torch_pin_is_in_cogs_torch_cuda_matrix(cog_config: dict[str, Any]) -> N
     ]
     assert builds, f"torch {torch_version} for CUDA {cuda} on Python {python} is not in Cog's matrix"
     assert any(image["CUDA"].startswith(cuda + ".") for image in cuda_images), f"Cog has no CUDA {cuda} base image"
+
+
+def test_torch_pin_is_the_newest_in_cogs_matrix_for_the_images_cuda_and_python(cog_config: dict[str, Any]) -> None:
+    # A stale pin fails here once tests/data/cog/torch_compatibility.json is refreshed from Cog.
+    # The matrix is not sorted, and "2.10.0" < "2.9.1" as strings: compare versions, local part off.
+    torch_matrix = json.loads(_shared_cog_file("torch_compatibility.json").read_text())
+    build = cog_config["build"]
+    python, cuda = str(build["python_version"]), str(build["cuda"])
+    offered = [
+        Version(entry["Torch"]).public
+        for entry in torch_matrix
+        if entry["CUDA"] == cuda and python in entry["Pythons"]
+    ]
+    assert offered, f"Cog's matrix has no torch for CUDA {cuda} on Python {python}"
+    newest = max(offered, key=Version)
+    pinned = Version(_pins(ROOT / build["python_requirements"])["torch"])
+    assert not pinned.local, f"pin torch as {pinned.public}: Cog picks the CUDA build itself"
+    assert pinned == Version(newest), f"torch {pinned} is pinned, but Cog's matrix has {newest} for CUDA {cuda} on Python {python}"
 
 
 def test_image_requirements_equal_the_engines(cog_config: dict[str, Any]) -> None:
