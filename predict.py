@@ -54,8 +54,8 @@ class Predictor(BaseRunner):
         ddim_inversion_steps: int = Input(
             default=50,
             ge=10,
-            le=1000,
-            description="Number of DDIM steps used to invert the input image. Every sampling timestep must be one of the inversion timesteps (with SD's spacing: 1000 // num_inference_steps is a multiple of 1000 // ddim_inversion_steps).",  # noqa: E501
+            le=999,
+            description="Number of DDIM steps used to invert the input image. Every sampling timestep must be one of the inversion timesteps (for 50 sampling steps: 50, 99, 100, 197-200, 246-250, 491-500 or 981-999); other values are refused with the nearest valid ones.",  # noqa: E501
         ),
         generation_prompt: str = Input(
             default="",
@@ -125,6 +125,10 @@ class Predictor(BaseRunner):
             choices=["png", "webp", "jpg"],
             description="Format of the returned images.",
         ),
+        mask: Optional[Path] = Input(
+            default=None,
+            description="Region to edit, with input_image: white is edited, black keeps the input image exactly, grey blends. Any size (it is stretched to the image); transparent areas count as black.",  # noqa: E501
+        ),
     ) -> list[Path]:
         # Validate everything before any work, also for callers that bypass Cog's schema.
         config = PnPConfig.from_mapping(
@@ -146,7 +150,7 @@ class Predictor(BaseRunner):
         )
         check_output_format(output_format)
 
-        result = self.engine(config, image=input_image)
+        result = self.engine(config, image=input_image, mask=mask)
 
         if result.seed is not None:
             print(f"seed: {result.seed}", flush=True)

@@ -1,1 +1,1 @@
-"""Benchmark of the engine against SPEC section 5's cost model: run with `python -m bench.run`."""
+"""Benchmark of the engine against the cost model (docs/cost-model.md): run with `python -m bench.run`."""

@@ -22,6 +22,7 @@ class SourceKey:
     """Everything that changes an image's inversion latents and source features."""
 
     model: str
+    dtype: str
     image_digest: str
     width: int
     height: int
@@ -32,18 +33,21 @@ class SourceKey:
 
 @dataclass(frozen=True)
 class SourceEntry:
-    """One image's inversion: z_src at every sampling timestep (x_T = latents[t_0]) and its source features."""
+    """One image's inversion: its encoded latent z_0, z_src at every sampling timestep (x_T = latents[t_0])
+    and its source features."""
 
+    image_latent: torch.Tensor
     latents: dict[int, torch.Tensor]
     features: SourceFeatures
 
     @property
     def nbytes(self) -> int:
-        return self.features.nbytes + sum(t.numel() * t.element_size() for t in self.latents.values())
+        tensors = [self.image_latent, *self.latents.values()]
+        return self.features.nbytes + sum(t.numel() * t.element_size() for t in tensors)
 
     def is_finite(self) -> bool:
         """Whether every latent and feature is finite (one device synchronisation)."""
-        tensors = [*self.latents.values(), *self.features.features.values()]
+        tensors = [self.image_latent, *self.latents.values(), *self.features.features.values()]
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 

@@ -1,4 +1,4 @@
-"""The command line: `python -m pnp IMAGE "prompt one; prompt two" --out DIR [--config PRESET] [--INPUT VALUE ...]`.
+"""The command line: `python -m pnp IMAGE "prompt one; prompt two" --out DIR [--mask PATH] [--config PRESET] [--INPUT VALUE ...]`.
 
 With `--generation_prompt TEXT` the image is left out and the source is generated. Every public input
 is an option of the same name; a preset (a YAML file or a name in configs/) gives the values that
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", metavar="[IMAGE] PROMPTS", help="the image (unless generating) and the ';'-separated target prompts")
     parser.add_argument("--out", default="outputs", help="directory for the images (default: outputs)")
     parser.add_argument("--config", help="a preset: a YAML file, or real, generated or primitive from configs/")
+    parser.add_argument("--mask", metavar="PATH", help="region to edit: white is edited, black keeps the image exactly")
     parser.add_argument("--output_format", choices=OUTPUT_FORMATS, default="png")
     parser.add_argument("--model", help="diffusers directory or hub id (default: PNP_MODEL, else weights/)")
     parser.add_argument("--device", help="torch device (default: PNP_DEVICE, else cuda when present, else cpu)")
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_preset(args.config, overrides) if args.config else PnPConfig.from_mapping(overrides)
         engine = PnPEngine.from_pretrained(args.model, args.device, args.dtype)
-        result = engine(config, None if generating else args.inputs[0])
+        result = engine(config, None if generating else args.inputs[0], mask=args.mask)
     except (InputError, ModelError, NonFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -39,15 +39,15 @@ class InputSpec:
     multiple_of: int | None = None
 
 
-# In the public schema's order (SPEC section 2): the published model's inputs first, then the new ones.
+# In the public schema's order (README, Inputs): the published model's inputs first, then the new ones.
 INPUTS: dict[str, InputSpec] = {
     "ddim_inversion_steps": InputSpec(
         50,
         "Number of DDIM steps used to invert the input image. Every sampling timestep must be one of "
-        "the inversion timesteps (with SD's spacing: 1000 // num_inference_steps is a multiple of "
-        "1000 // ddim_inversion_steps).",
+        "the inversion timesteps (for 50 sampling steps: 50, 99, 100, 197-200, 246-250, 491-500 or "
+        "981-999); other values are refused with the nearest valid ones.",
         minimum=10,
-        maximum=1000,
+        maximum=999,
     ),
     "generation_prompt": InputSpec(
         "",

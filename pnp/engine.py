@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,10 +22,20 @@ from PIL import Image
 from .cache import SourceCache, SourceEntry, SourceKey
 from .config import INPUTS, PnPConfig
 from .errors import InputError, ModelError, NonFiniteError
-from .image_io import image_to_tensor, load_image, prepare_image, tensor_to_images
+from .image_io import (
+    ImageSource,
+    decoded_to_pixels,
+    image_to_pixels,
+    image_to_tensor,
+    load_image,
+    load_mask,
+    pixels_to_images,
+    prepare_image,
+)
 from .injection import FeatureInjector, SourceFeatures
 from .inversion import extract_features, invert
 from .models import StableDiffusion, load_model
+from .region import EditRegion
 from .schedules import NoiseSchedule, negative_prompt_weights
 from .translation import Injection, Prompts, sample
 
@@ -142,35 +152,57 @@ class PnPEngine:
         return max(1, self.batch_latent_pixels // (latent.shape[-1] * latent.shape[-2]))
 
     @torch.no_grad()
-    def __call__(self, config: PnPConfig, image: str | os.PathLike | Image.Image | None = None) -> PnPResult:
+    def __call__(
+        self,
+        config: PnPConfig,
+        image: ImageSource | None = None,
+        mask: ImageSource | None = None,
+    ) -> PnPResult:
         """Translate `image` (or, in generation mode, a source generated from `config.generation_prompt`).
 
-        Non-finite numbers in float16 or bfloat16 get the request one more run in float32 before it fails.
+        With a `mask` (real images only), white regions are edited and black ones keep the input exactly
+        (docs/algorithm.md §8). Every input is checked before any UNet evaluation. Non-finite numbers in
+        float16 or bfloat16 get the request one more run in float32 before it fails.
         """
         stats = RunStats()
-        prepared = None
-        if not config.generation_mode:
+        steps_spec = INPUTS["num_inference_steps"]
+        self.schedule.check_training_range("num_inference_steps", config.num_inference_steps, steps_spec.minimum)
+        prepared = pixel_mask = None
+        if config.generation_mode:
+            if mask is not None:
+                raise InputError("mask", "works only with an input_image; in generation mode there is no input image to keep")
+        else:
             if image is None:
                 raise InputError("input_image", "give an image to edit, or a generation_prompt to generate one")
             spec = INPUTS["ddim_inversion_steps"]
+            self.schedule.check_training_range("ddim_inversion_steps", config.ddim_inversion_steps, spec.minimum)
             self.schedule.check_nesting(
                 config.num_inference_steps, config.ddim_inversion_steps, spec.minimum, spec.maximum
             )
             with self._phase(stats, "load"):
                 prepared = prepare_image(load_image(image), config.image_size)
+                if mask is not None:
+                    pixel_mask = load_mask(mask, prepared.size)
         seed = None
         if config.generation_mode:
             seed = config.seed if config.seed is not None else secrets.randbits(32)
         try:
-            return self._run(config, prepared, seed, stats)
+            return self._run(config, prepared, pixel_mask, seed, stats)
         except NonFiniteError as error:
             if self.model.dtype == torch.float32:
                 raise
             logger.warning("%s in %s; running the request again in float32", error, self.model.dtype)
             with self.model.in_float32():
-                return self._run(config, prepared, seed, stats)
+                return self._run(config, prepared, pixel_mask, seed, stats)
 
-    def _run(self, config: PnPConfig, prepared: Image.Image | None, seed: int | None, stats: RunStats) -> PnPResult:
+    def _run(
+        self,
+        config: PnPConfig,
+        prepared: Image.Image | None,
+        pixel_mask: torch.Tensor | None,
+        seed: int | None,
+        stats: RunStats,
+    ) -> PnPResult:
         num_steps = config.num_inference_steps
         timesteps = self.schedule.sampling_timesteps(num_steps)
         needed_steps = max(config.feature_injection_steps, config.attention_injection_steps)
@@ -206,8 +238,12 @@ class PnPEngine:
                 )
             start = noise
         else:
-            entry = self._source_entry(config, prepared, timesteps, source_text, stats)
+            entry = self._source_entry(config, prepared, timesteps, source_text, unconditional, stats)
             source, start, source_latent = entry.features, entry.latents[timesteps[0]], None
+        region = None
+        if pixel_mask is not None:
+            kept_latents = [entry.latents[t] for t in timesteps[1:]] + [entry.image_latent]
+            region = EditRegion.from_mask(pixel_mask, image_to_pixels(prepared), kept_latents)
 
         weights = (
             negative_prompt_weights(config.negative_prompt_schedule, config.negative_prompt_alpha, num_steps)
@@ -226,10 +262,14 @@ class PnPEngine:
                 negative_weights=weights,
                 batch_size=self._batch_size(start),
                 injection=Injection(source, config.feature_injection_steps, config.attention_injection_steps),
+                region=region,
             )
         with self._phase(stats, "decode"):
             latents = translated if source_latent is None else torch.cat([source_latent, translated])
-            images = tensor_to_images(self.model.decode_latents(latents, self._batch_size(start)))
+            pixels = decoded_to_pixels(self.model.decode_latents(latents, self._batch_size(start)))
+            if region is not None:
+                pixels = region.blend_pixels(pixels)
+            images = pixels_to_images(pixels)
         return PnPResult(images=images, seed=seed, stats=stats)
 
     def _source_entry(
@@ -238,12 +278,14 @@ class PnPEngine:
         prepared: Image.Image,
         timesteps: list[int],
         inversion_text: torch.Tensor,
+        unconditional: torch.Tensor,
         stats: RunStats,
     ) -> SourceEntry:
         """The inversion latents and source features of a real image, from the cache or computed (only
         the missing steps of features), and cached once complete and finite."""
         key = SourceKey(
-            model=f"{self.model.name} {self.model.dtype}",
+            model=self.model.name,
+            dtype=str(self.model.dtype),
             image_digest=hashlib.sha256(prepared.tobytes()).hexdigest(),
             width=prepared.width,
             height=prepared.height,
@@ -251,16 +293,19 @@ class PnPEngine:
             num_inference_steps=config.num_inference_steps,
             inversion_prompt=config.inversion_prompt,
         )
-        entry = self.cache.get(key)
+        # A float32 entry, left by the float32 retry of a request whose half-precision run failed, serves
+        # half-precision requests too: their own inversion of the image would most likely fail again.
+        float32_key = replace(key, dtype=str(torch.float32))
+        entry = self.cache.get(key) or self.cache.get(float32_key)
         stats.cache_hit = entry is not None
         if entry is None:
             with self._phase(stats, "load"):
-                latent = self.model.encode_image(image_to_tensor(prepared))
+                image_latent = self.model.encode_image(image_to_tensor(prepared)).float()
             with self._phase(stats, "inversion"):
                 latents = invert(
-                    self.model.unet, self.schedule, latent, inversion_text, config.ddim_inversion_steps, set(timesteps)
+                    self.model.unet, self.schedule, image_latent, inversion_text, config.ddim_inversion_steps, set(timesteps)
                 )
-            entry = SourceEntry(latents, SourceFeatures({}))
+            entry = SourceEntry(image_latent, latents, SourceFeatures({}))
 
         features = entry.features
         wanted = {"resnet": config.feature_injection_steps, "attention": config.attention_injection_steps}
@@ -274,10 +319,10 @@ class PnPEngine:
                     self.injector,
                     [entry.latents[t] for t in timesteps[first:last]],
                     timesteps[first:last],
-                    inversion_text,
+                    unconditional,
                     self._batch_size(entry.latents[timesteps[0]]),
                 )
-            entry = SourceEntry(entry.latents, features.extended(extracted, first))
+            entry = SourceEntry(entry.image_latent, entry.latents, features.extended(extracted, first))
         if short or not stats.cache_hit:
             if not entry.is_finite():
                 raise NonFiniteError("the inversion of the image produced NaN or infinite values")

@@ -1,6 +1,6 @@
 """Feature capture and injection: the Plug-and-Play sites of the UNet and the hooks that read or replace them.
 
-The sites (SPEC 4.3) are the residual branch of `up_blocks[1].resnets[1]` (the output of its `conv2`,
+The sites (docs/algorithm.md §4) are the residual branch of `up_blocks[1].resnets[1]` (the output of its `conv2`,
 before the shortcut is added) and the query and key projections of eight decoder self-attention
 layers. Forward hooks on `conv2`, `to_q` and `to_k` read or replace those outputs, so diffusers' own
 ResNet and attention code (scaled-dot-product attention) runs unchanged around them.

@@ -1,4 +1,5 @@
-"""DDIM inversion of a real image's latent (SPEC 4.2) and the source features of its forward latents (4.3)."""
+"""DDIM inversion of a real image's latent and the source features of its forward latents
+(docs/algorithm.md §3-§4)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def invert(
     for i, timestep in enumerate(timesteps):
         alpha = schedule.alpha(timestep)
         alpha_prev = schedule.alpha(timesteps[i - 1] if i > 0 else None)
-        eps = unet(z.to(unet.dtype), device_timesteps[i], encoder_hidden_states=text_embedding).sample.float()
+        output = unet(z.to(unet.dtype), device_timesteps[i], encoder_hidden_states=text_embedding).sample
+        eps = schedule.epsilon(output, z, alpha)
         z = alpha**0.5 * (z - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5 + (1 - alpha) ** 0.5 * eps
         if timestep in keep:
             kept[timestep] = z
@@ -52,7 +54,11 @@ def extract_features(
     text_embedding: torch.Tensor,
     batch_size: int,
 ) -> SourceFeatures:
-    """Source features of `unet(latents[i], timesteps[i], text_embedding)`, several timesteps per UNet call."""
+    """Source features of `unet(latents[i], timesteps[i], text_embedding)`, several timesteps per UNet call.
+
+    For a real image `text_embedding` is E(""), whatever conditioned the inversion (docs/algorithm.md §4), as in
+    pnp-diffusers and PnP Inversion's benchmark code.
+    """
     captures = []
     device_timesteps = torch.tensor(timesteps, device=text_embedding.device)
     for start in range(0, len(latents), batch_size):

@@ -29,6 +29,8 @@ DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "stable-diffusion-v1-5"
 COMPONENTS = ("unet", "vae", "text_encoder")
+# What the UNet may predict: the noise ε, or v (SD 2.x 768-v models), which the engine turns into ε.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -164,12 +166,12 @@ def _variant(component_dir: Path) -> str | None:
 
 
 def check_model(unet: UNet2DConditionModel, scheduler_config: dict[str, Any]) -> None:
-    """Refuse what Plug-and-Play cannot drive: no epsilon prediction, no 4-channel latent, no SD sites."""
+    """Refuse what Plug-and-Play cannot drive: a prediction other than ε or v, no 4-channel latent, no SD sites."""
     prediction = scheduler_config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
+    if prediction not in PREDICTION_TYPES:
         raise ModelError(
-            f"the model predicts {prediction!r}; only epsilon-predicting Stable Diffusion models are supported "
-            "(v-prediction models such as SD 2.x 768-v are not yet)"
+            f"the model predicts {prediction!r}; only epsilon- and v-predicting Stable Diffusion models "
+            f"({', '.join(PREDICTION_TYPES)}) are supported"
         )
     if unet.config.in_channels != 4:
         raise ModelError(

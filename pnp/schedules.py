@@ -1,4 +1,5 @@
-"""DDIM timesteps and weights: sampling and inversion timesteps, their nesting, the negative-prompt schedule."""
+"""DDIM timesteps and weights: sampling and inversion timesteps, their checks, the model's prediction type,
+and the negative-prompt schedule."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from diffusers import DDIMScheduler
 
 from .errors import InputError
@@ -13,10 +15,11 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """ᾱ of the model's scheduler, as SPEC 4 uses it."""
+    """ᾱ of the model's scheduler (docs/algorithm.md §1), and what the model's UNet predicts."""
 
     alphas_cumprod: tuple[float, ...]
     final_alpha_cumprod: float
+    prediction_type: str
     scheduler: DDIMScheduler
 
     @classmethod
@@ -25,6 +28,7 @@ class NoiseSchedule:
         return cls(
             alphas_cumprod=tuple(scheduler.alphas_cumprod.tolist()),
             final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
+            prediction_type=scheduler.config.prediction_type,
             scheduler=scheduler,
         )
 
@@ -41,12 +45,45 @@ class NoiseSchedule:
         """ᾱ[t], or ᾱ_final where there is no further timestep."""
         return self.final_alpha_cumprod if timestep is None else self.alphas_cumprod[timestep]
 
+    def epsilon(self, model_output: torch.Tensor, latents: torch.Tensor, alpha: float) -> torch.Tensor:
+        """The noise ε that a UNet output stands for, on float32 `latents` at a timestep with ᾱ = `alpha`.
+
+        A v-prediction model (Salimans & Ho 2022, arXiv 2202.00512) predicts v = sqrt(ᾱ) ε − sqrt(1 − ᾱ) x0;
+        with z = sqrt(ᾱ) x0 + sqrt(1 − ᾱ) ε this gives ε = sqrt(ᾱ) v + sqrt(1 − ᾱ) z (docs/algorithm.md §9).
+        """
+        output = model_output.float()
+        if self.prediction_type == "v_prediction":
+            return alpha**0.5 * output + (1 - alpha) ** 0.5 * latents
+        return output
+
+    def in_training_range(self, num_steps: int) -> bool:
+        """Whether every timestep of `set_timesteps(num_steps)` is one the model was trained on."""
+        return max(self.sampling_timesteps(num_steps)) < len(self.alphas_cumprod)
+
+    def check_training_range(self, input_name: str, num_steps: int, low: int) -> None:
+        """Refuse a step count whose timesteps leave the training range, naming the largest valid count.
+
+        With SD's "leading" spacing and `steps_offset=1`, 1000 steps of 1000 training timesteps would need t = 1000.
+        """
+        if self.in_training_range(num_steps):
+            return
+        largest = next((m for m in range(num_steps - 1, low - 1, -1) if self.in_training_range(m)), None)
+        raise InputError(
+            input_name,
+            f"{num_steps} steps need timestep {max(self.sampling_timesteps(num_steps))}, outside the model's "
+            f"{len(self.alphas_cumprod)} training timesteps; the largest valid value is {largest}",
+        )
+
     def check_nesting(self, num_inference_steps: int, ddim_inversion_steps: int, low: int, high: int) -> None:
         """Refuse inversion steps whose timesteps miss a sampling timestep, naming the nearest valid counts in [low, high]."""
         sampling = set(self.sampling_timesteps(num_inference_steps))
         if sampling <= set(self.sampling_timesteps(ddim_inversion_steps)):
             return
-        valid = [m for m in range(low, high + 1) if sampling <= set(self.sampling_timesteps(m))]
+        valid = [
+            m
+            for m in range(low, high + 1)
+            if sampling <= set(self.sampling_timesteps(m)) and self.in_training_range(m)
+        ]
         nearest = sorted(sorted(valid, key=lambda m: (abs(m - ddim_inversion_steps), m))[:3])
         raise InputError(
             "ddim_inversion_steps",
@@ -57,7 +94,7 @@ class NoiseSchedule:
 
 
 def negative_prompt_weights(schedule: str, alpha: float, num_steps: int) -> list[float]:
-    """a_i = alpha * s_i (SPEC 4.5): the weight of the unconditional branch against the negative one."""
+    """a_i = alpha * s_i (docs/algorithm.md §6): the weight of the unconditional branch against the negative one."""
     last = max(num_steps - 1, 1)
     shapes = {
         "linear": lambda i: 1 - i / last,

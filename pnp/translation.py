@@ -1,4 +1,4 @@
-"""Guided DDIM sampling with feature injection (SPEC 4.4): the translation, and the generated source.
+"""Guided DDIM sampling with feature injection (docs/algorithm.md §5): the translation, and the generated source.
 
 One loop serves both: the translation injects source features into every branch of every prompt,
 and the generation of a source image captures its own features instead. Each step evaluates, for
@@ -17,6 +17,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .injection import FeatureInjector, SourceFeatures
+from .region import EditRegion
 from .schedules import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -82,9 +83,11 @@ def sample(
     batch_size: int,
     injection: Injection | None = None,
     capture_steps: int = 0,
+    region: EditRegion | None = None,
 ) -> tuple[torch.Tensor, SourceFeatures]:
     """Denoise `start` (1, 4, h, w) once per target prompt; return the final latents (P, 4, h, w) and
-    the features captured at steps i < `capture_steps` (each step's rows in branch order)."""
+    the features captured at steps i < `capture_steps` (each step's rows in branch order). With a
+    `region`, the latents outside it follow the source's after every step (docs/algorithm.md §8)."""
     count = prompts.targets.shape[0]
     x = start.float().expand(count, *start.shape[1:])
     embeddings = {
@@ -108,19 +111,21 @@ def sample(
                     outputs.append(unet(latents[lo:hi], device_timesteps[i], encoder_hidden_states=context[lo:hi]).sample)
         if i < capture_steps:
             captures.append(captured)
-        eps_by_branch = dict(zip(branches, torch.cat(outputs).float().split(count)))
-        eps = _guided_noise(eps_by_branch, negative_weights[i], scale)
         alpha = schedule.alpha(timestep)
         alpha_next = schedule.alpha(timesteps[i + 1] if i + 1 < len(timesteps) else None)
+        eps_by_branch = {b: schedule.epsilon(out, x, alpha) for b, out in zip(branches, torch.cat(outputs).split(count))}
+        eps = _guided_noise(eps_by_branch, negative_weights[i], scale)
         x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
         x = alpha_next**0.5 * x0 + (1 - alpha_next) ** 0.5 * eps
+        if region is not None:
+            x = region.blend_latents(x, i)
         if (i + 1) % 10 == 0 or i + 1 == len(timesteps):
             logger.info("sampling step %d/%d", i + 1, len(timesteps))
     return x, SourceFeatures.stack(captures)
 
 
 def _guided_noise(eps: dict[str, torch.Tensor], negative_weight: float, scale: float) -> torch.Tensor:
-    """ε = ε_u~ + scale (ε_c − ε_u~), with ε_u~ = a ε_u + (1 − a) ε_n (SPEC 4.4)."""
+    """ε = ε_u~ + scale (ε_c − ε_u~), with ε_u~ = a ε_u + (1 − a) ε_n (docs/algorithm.md §5)."""
     if UNCONDITIONAL in eps and NEGATIVE in eps:
         unconditional = negative_weight * eps[UNCONDITIONAL] + (1 - negative_weight) * eps[NEGATIVE]
     else:

@@ -24,3 +24,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An SD 2.x-layout checkpoint (linear projections) with tiny widths."""
     return make_random_model(tmp_path_factory.mktemp("tiny-sd2"), layout="sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_v_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SD 2.x-layout checkpoint whose scheduler says the UNet predicts v (as SD 2.x 768-v models)."""
+    return make_random_model(tmp_path_factory.mktemp("tiny-v"), layout="sd2", prediction_type="v_prediction")

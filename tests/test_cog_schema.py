@@ -1,7 +1,7 @@
 """The Cog packaging: cog.yaml, the image's pinned requirements, and the OpenAPI schema of predict.py.
 
 The schema is what Replicate's web form and HTTP API (and coglet's input validation) see, so it must
-list SPEC 2's inputs in SPEC 2's order with the bounds of `pnp.config.INPUTS`. `cog build` reads
+list the public inputs in their order with the bounds of `pnp.config.INPUTS`. `cog build` reads
 predict.py statically (tree-sitter), keeping only literal Input() values, so the tests also check that
 a static reader sees exactly what Cog's runtime inspector (script/openapi-schema) sees.
 """
@@ -27,8 +27,8 @@ from pnp.config import INPUTS, OUTPUT_FORMATS
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "script" / "openapi-schema"
 
-# SPEC 2: the published model's eight inputs in their order, then the new ones.
-SPEC_ORDER = [
+# The published model's eight inputs in their order, then the new ones.
+SCHEMA_ORDER = [
     "input_image",
     "ddim_inversion_steps",
     "generation_prompt",
@@ -44,6 +44,7 @@ SPEC_ORDER = [
     "image_size",
     "seed",
     "output_format",
+    "mask",
 ]
 
 
@@ -162,9 +163,9 @@ def _enum(schema: dict[str, Any], prop: dict[str, Any]) -> list[Any]:
 
 
 def test_inputs_are_specs_in_specs_order(properties: dict[str, Any]) -> None:
-    assert list(properties) == SPEC_ORDER
-    assert [properties[name]["x-order"] for name in SPEC_ORDER] == list(range(len(SPEC_ORDER)))
-    assert list(INPUTS) == SPEC_ORDER[1:-1]  # the engine's inputs, in the same order
+    assert list(properties) == SCHEMA_ORDER
+    assert [properties[name]["x-order"] for name in SCHEMA_ORDER] == list(range(len(SCHEMA_ORDER)))
+    assert list(INPUTS) == SCHEMA_ORDER[1:-2]  # the engine's inputs, in the same order
 
 
 def test_no_input_is_required(schema: dict[str, Any]) -> None:
@@ -191,11 +192,15 @@ def test_each_engine_input_has_the_engines_default_bounds_and_description(
     assert prop.get("maximum") == spec.maximum
 
 
-def test_input_image_and_output_format(schema: dict[str, Any], properties: dict[str, Any]) -> None:
-    image = properties["input_image"]
+@pytest.mark.parametrize("name", ["input_image", "mask"])
+def test_files_are_optional_uris_with_descriptions(properties: dict[str, Any], name: str) -> None:
+    image = properties[name]
     assert image["type"] == "string" and image["format"] == "uri"
     assert image["nullable"] is True and image.get("default") is None
     assert image["description"]
+
+
+def test_output_format(schema: dict[str, Any], properties: dict[str, Any]) -> None:
     output_format = properties["output_format"]
     assert _enum(schema, output_format) == list(OUTPUT_FORMATS)
     assert output_format["default"] == "png"

@@ -1,7 +1,8 @@
-"""The algorithm of SPEC 4 on a tiny random model: inversion, injection, guidance, batching, generation."""
+"""The algorithm (docs/algorithm.md) on a tiny random model: inversion, injection, guidance, batching, generation."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -10,8 +11,8 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from pnp import PnPConfig, PnPEngine
-from pnp.image_io import image_to_tensor, prepare_image, tensor_to_images
+from pnp import InputError, PnPConfig, PnPEngine
+from pnp.image_io import decoded_to_pixels, image_to_tensor, pixels_to_images, prepare_image
 from pnp.injection import RESNET_KEY, attention_keys, locate_sites
 from pnp.inversion import invert
 from pnp.schedules import negative_prompt_weights
@@ -40,19 +41,26 @@ def reference_scheduler(engine: PnPEngine, steps: int) -> DDIMScheduler:
     return scheduler
 
 
-def reference_sampling(engine, start, prompt, scale, steps, negative=None, weights=None) -> torch.Tensor:
-    """Plain guided DDIM (diffusers' own scheduler step, eta 0) with the negative blend of SPEC 4.4."""
+def reference_sampling(engine, start, prompt, scale, steps, negative=None, weights=None, after_step=None) -> torch.Tensor:
+    """Plain guided DDIM (diffusers' own scheduler step, eta 0, which reads v-predictions itself) with the
+    negative blend of docs/algorithm.md §5; `after_step(i, x)` may replace the latents after each step."""
     model = engine.model
     scheduler = reference_scheduler(engine, steps)
     texts = model.encode_text(["", prompt] + ([negative] if negative else []))
     x = start.float()
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps):
-            eps = [model.unet(x, t, encoder_hidden_states=texts[k : k + 1]).sample for k in range(len(texts))]
-            uncond = eps[0] if negative is None else weights[i] * eps[0] + (1 - weights[i]) * eps[2]
-            guided = uncond + scale * (eps[1] - uncond)
+            out = [model.unet(x, t, encoder_hidden_states=texts[k : k + 1]).sample for k in range(len(texts))]
+            uncond = out[0] if negative is None else weights[i] * out[0] + (1 - weights[i]) * out[2]
+            guided = uncond + scale * (out[1] - uncond)
             x = scheduler.step(guided, t, x).prev_sample
+            if after_step is not None:
+                x = after_step(i, x)
     return x
+
+
+def decoded_image(engine: PnPEngine, latents: torch.Tensor) -> Image.Image:
+    return pixels_to_images(decoded_to_pixels(engine.model.decode_latents(latents, 4)))[0]
 
 
 def source_latent(engine: PnPEngine, image_size: int = 128) -> torch.Tensor:
@@ -108,7 +116,7 @@ def test_zero_thresholds_equal_plain_guided_ddim_from_the_inverted_noise(engine)
     timesteps = engine.schedule.sampling_timesteps(10)
     x_t = invert(engine.model.unet, engine.schedule, source_latent(engine), engine.model.encode_text([""]), 10, {timesteps[0]})
     expected = reference_sampling(engine, x_t[timesteps[0]], "a cat", 10.0, 10)
-    reference = tensor_to_images(engine.model.decode_latents(expected, 4))[0]
+    reference = decoded_image(engine, expected)
     assert np.abs(pixels(result.images[0]) - pixels(reference)).max() <= 1
 
 
@@ -129,7 +137,7 @@ def test_negative_prompt_blend_matches_the_formula(engine):
     timesteps = engine.schedule.sampling_timesteps(10)
     x_t = invert(engine.model.unet, engine.schedule, source_latent(engine), engine.model.encode_text([""]), 10, {timesteps[0]})
     expected = reference_sampling(engine, x_t[timesteps[0]], "a cat", 7.5, 10, negative="a horse", weights=weights)
-    reference = tensor_to_images(engine.model.decode_latents(expected, 4))[0]
+    reference = decoded_image(engine, expected)
     assert np.abs(pixels(result.images[0]) - pixels(reference)).max() <= 1
 
 
@@ -209,7 +217,7 @@ def test_generation_returns_the_seeded_source_first(engine):
 
     noise = torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(7))
     expected = reference_sampling(engine, noise, "a horse in a field", 5.0, 10)
-    reference = tensor_to_images(engine.model.decode_latents(expected, 4))[0]
+    reference = decoded_image(engine, expected)
     assert np.abs(pixels(first.images[0]) - pixels(reference)).max() <= 1
 
 
@@ -244,3 +252,220 @@ def test_sd2_layout_with_linear_projections_runs(tiny_sd2_model_dir):
     result = sd2(config(translation_prompts="a cat"), HORSE)
     assert result.images[0].size == (128, 128)
     assert result.stats.unet_evals == 10 + 8 + 20
+
+
+# --- source features of a real image: E(""), whatever the inversion prompt ----------------------------------
+
+
+def test_source_features_use_the_empty_prompt_whatever_the_inversion_prompt(engine):
+    request = config(inversion_prompt="a brown horse", translation_prompts="a cat")
+    engine(request, HORSE)
+    entries = {key.inversion_prompt: entry for key, entry in engine.cache._entries.items() if key.num_inference_steps == 10}
+    engine(request.replace(inversion_prompt=""), HORSE)
+    entries = {key.inversion_prompt: entry for key, entry in engine.cache._entries.items() if key.num_inference_steps == 10}
+    conditioned, plain = entries["a brown horse"], entries[""]
+    timesteps = engine.schedule.sampling_timesteps(10)
+    # The inversion prompt conditions the inversion: its latents differ.
+    assert not torch.allclose(conditioned.latents[timesteps[0]], plain.latents[timesteps[0]])
+    texts = {prompt: engine.model.encode_text([prompt]) for prompt in ("", "a brown horse")}
+    for step in (0, 3):
+        t = timesteps[step]
+        seen = {}
+        for prompt, text in texts.items():
+            with SiteRecorder(engine.model.unet) as recorder, torch.no_grad():
+                engine.model.unet(conditioned.latents[t], t, encoder_hidden_states=text)
+            seen[prompt] = recorder.calls[0]
+        for key in (RESNET_KEY, *attention_keys()):
+            cached = conditioned.features.features[key][step][0]
+            torch.testing.assert_close(cached, seen[""][key][1][0], atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(cached, seen["a brown horse"][key][1][0], atol=1e-5), key
+
+
+# --- step counts outside the training range -------------------------------------------------------------
+
+
+def test_inversion_steps_leaving_the_training_range_are_refused_before_any_work(engine):
+    evals = engine.unet_evals
+    # The config's bound (999) already refuses 1000; the engine's own check covers configs built directly.
+    unchecked = dataclasses.replace(config(num_inference_steps=50), ddim_inversion_steps=1000)
+    with pytest.raises(InputError) as error:
+        engine(unchecked, HORSE)
+    assert error.value.input_name == "ddim_inversion_steps"
+    assert "timestep 1000" in str(error.value) and "largest valid value is 999" in str(error.value)
+    assert engine.unet_evals == evals
+    assert engine.schedule.in_training_range(999) and not engine.schedule.in_training_range(1000)
+
+
+# --- v-prediction models --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def v_engine(tiny_v_model_dir) -> PnPEngine:
+    return PnPEngine.from_pretrained(str(tiny_v_model_dir), device="cpu")
+
+
+def test_v_to_epsilon_gives_diffusers_own_v_prediction_ddim_step(v_engine):
+    scheduler = reference_scheduler(v_engine, 10)
+    generator = torch.Generator().manual_seed(0)
+    x, v = torch.randn((2, 1, 4, 8, 8), generator=generator)
+    for i, t in enumerate(scheduler.timesteps.tolist()):
+        alpha = v_engine.schedule.alpha(t)
+        alpha_next = v_engine.schedule.alpha(int(scheduler.timesteps[i + 1]) if i + 1 < 10 else None)
+        eps = v_engine.schedule.epsilon(v, x, alpha)
+        # ε = sqrt(ᾱ) v + sqrt(1 − ᾱ) z, written out independently in float64.
+        expected = math.sqrt(alpha) * v.double() + math.sqrt(1 - alpha) * x.double()
+        torch.testing.assert_close(eps.double(), expected, atol=1e-6, rtol=1e-6)
+        x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+        ours = alpha_next**0.5 * x0 + (1 - alpha_next) ** 0.5 * eps
+        torch.testing.assert_close(ours, scheduler.step(v, t, x).prev_sample, atol=1e-5, rtol=1e-5)
+
+
+def test_v_prediction_inversion_converts_each_output(v_engine):
+    latent = source_latent(v_engine)
+    taus = v_engine.schedule.inversion_timesteps(10)
+    kept = invert(v_engine.model.unet, v_engine.schedule, latent, v_engine.model.encode_text([""]), 10, set(taus))
+    alphas = reference_scheduler(v_engine, 10).alphas_cumprod.double()
+    z = latent.double()
+    with torch.no_grad():
+        for i, tau in enumerate(taus):
+            a = alphas[tau]
+            a_prev = alphas[taus[i - 1]] if i else alphas[0]
+            v = v_engine.model.unet(z.float(), tau, encoder_hidden_states=v_engine.model.encode_text([""])).sample.double()
+            eps = a.sqrt() * v + (1 - a).sqrt() * z
+            z = a.sqrt() * (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt() + (1 - a).sqrt() * eps
+            torch.testing.assert_close(kept[tau].double(), z, atol=1e-4, rtol=1e-4)
+
+
+def test_v_prediction_translation_equals_diffusers_guided_sampling(v_engine):
+    result = v_engine(config(feature_injection_threshold=0, attention_injection_threshold=0, translation_prompts="a cat"), HORSE)
+    assert result.stats.unet_evals == 10 + 20  # inversion and translation; no features to extract
+    timesteps = v_engine.schedule.sampling_timesteps(10)
+    x_t = invert(v_engine.model.unet, v_engine.schedule, source_latent(v_engine), v_engine.model.encode_text([""]), 10, {timesteps[0]})
+    reference = decoded_image(v_engine, reference_sampling(v_engine, x_t[timesteps[0]], "a cat", 10.0, 10))
+    assert np.abs(pixels(result.images[0]) - pixels(reference)).max() <= 1
+
+
+def test_v_prediction_generation_and_injected_translation(v_engine):
+    request = config(generation_prompt="a horse in a field", translation_prompts="a robot horse; a cat", seed=5)
+    result = v_engine(request, None)
+    assert len(result.images) == 3 and result.stats.unet_evals == 20 + 40
+    noise = torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(5))
+    reference = decoded_image(v_engine, reference_sampling(v_engine, noise, "a horse in a field", 5.0, 10))
+    assert np.abs(pixels(result.images[0]) - pixels(reference)).max() <= 1
+    real = v_engine(config(translation_prompts="a robot horse", inversion_prompt="a horse"), HORSE)
+    assert real.stats.unet_evals == 10 + 8 + 20 and pixels(real.images[0]).std() > 0
+
+
+# --- region editing with a mask -------------------------------------------------------------------------
+
+
+def left_half_white(width: int = 128, height: int = 128) -> Image.Image:
+    """White (edit) on the left half, black (keep) on the right; at 128 px the halves fall on latent pixels."""
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (0, 0, width // 2, height))
+    return mask
+
+
+def horse_at(image_size: int = 128) -> np.ndarray:
+    return pixels(prepare_image(Image.open(HORSE).convert("RGB"), image_size))
+
+
+def test_an_all_white_mask_gives_exactly_the_unmasked_result(engine):
+    request = config(translation_prompts="a robot horse; a cat", negative_prompt="blurry")
+    unmasked = engine(request, HORSE)
+    masked = engine(request, HORSE, mask=Image.new("L", (7, 3), 255))  # any size is stretched to the image
+    assert masked.stats.cache_hit  # the mask is not part of the inversion's cache key
+    assert masked.stats.unet_evals == unmasked.stats.phases["translation"].unet_evals  # and costs no evaluation
+    for a, b in zip(unmasked.images, masked.images):
+        assert np.array_equal(pixels(a), pixels(b))
+
+
+def test_outside_the_mask_latents_follow_the_source_and_pixels_equal_the_input(engine, monkeypatch):
+    request = config(translation_prompts="a robot horse; a cat", inversion_prompt="kept")
+    engine(request, HORSE)  # caches the inversion
+    (entry,) = [e for k, e in engine.cache._entries.items() if k.inversion_prompt == "kept"]
+    timesteps = engine.schedule.sampling_timesteps(10)
+    unet_inputs, decoded = [], []
+    handle = engine.model.unet.register_forward_pre_hook(lambda module, args: unet_inputs.append(args[0].clone()))
+    decode = engine.model.decode_latents
+    monkeypatch.setattr(engine.model, "decode_latents", lambda latents, size: decoded.append(latents) or decode(latents, size))
+    try:
+        result = engine(request, HORSE, mask=left_half_white())
+    finally:
+        handle.remove()
+    assert len(unet_inputs) == 10  # one batched call per step
+    for step, batch in enumerate(unet_inputs):  # rows: 2 prompts x (unconditional, conditional)
+        expected = entry.latents[timesteps[step]][..., 8:].expand_as(batch[..., 8:])
+        assert torch.equal(batch[..., 8:], expected), f"step {step}"
+        assert not torch.equal(batch[..., :8], entry.latents[timesteps[step]][..., :8].expand_as(batch[..., :8])) or step == 0
+    assert torch.equal(decoded[0][..., 8:], entry.image_latent[..., 8:].expand_as(decoded[0][..., 8:]))
+    for image in result.images:
+        out = pixels(image)
+        assert np.array_equal(out[:, 64:], horse_at()[:, 64:])  # kept exactly
+        assert np.abs(out[:, :64] - horse_at()[:, :64]).mean() > 5  # edited
+    assert not np.array_equal(pixels(result.images[0]), pixels(result.images[1]))  # each prompt its own edit
+
+
+def test_masked_translation_follows_the_latent_and_pixel_blends(engine):
+    """Grey values blend: an independent loop (diffusers' DDIM step, avg-pooled mask, float64 pixel blend)."""
+    ramp = np.tile(np.linspace(0, 255, 96).round().astype(np.uint8), (48, 1))  # stretched to 128x128
+    request = config(feature_injection_threshold=0, attention_injection_threshold=0, translation_prompts="a cat", scale=7.5)
+    result = engine(request, HORSE, mask=Image.fromarray(ramp))
+
+    mask_pixels = torch.from_numpy(np.array(Image.fromarray(ramp).resize((128, 128), Image.Resampling.LANCZOS))).double() / 255
+    latent_mask = torch.nn.functional.avg_pool2d(mask_pixels[None, None].float(), 8)
+    timesteps = engine.schedule.sampling_timesteps(10)
+    image_latent = source_latent(engine)
+    z_src = invert(engine.model.unet, engine.schedule, image_latent, engine.model.encode_text([""]), 10, set(timesteps))
+    kept = [z_src[t] for t in timesteps[1:]] + [image_latent]
+    x = reference_sampling(
+        engine, z_src[timesteps[0]], "a cat", 7.5, 10, after_step=lambda i, x: latent_mask * x + (1 - latent_mask) * kept[i]
+    )
+    with torch.no_grad():
+        y = (engine.model.decode_latents(x, 4)[0].double() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
+    x_in = horse_at() / 255
+    m = mask_pixels.numpy()[..., None]
+    expected = np.round(255 * (m * y + (1 - m) * x_in))
+    assert np.abs(pixels(result.images[0]) - expected).max() <= 1
+    grey = (m > 0.2) & (m < 0.8)
+    assert grey.any() and np.abs(pixels(result.images[0]) - horse_at())[grey[..., 0]].max() > 0
+
+
+def mask_file(tmp_path, data: bytes):
+    path = tmp_path / "mask.png"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("black", "selects nothing"),
+        ("transparent", "selects nothing"),
+        ("corrupt", "could not be read"),
+        ("empty", "could not be read"),
+        ("huge", "more than the limit"),
+        ("generation", "only with an input_image"),
+    ],
+)
+def test_bad_masks_are_refused_naming_mask_before_any_work(engine, tmp_path, monkeypatch, case, expected):
+    from pnp import image_io
+
+    request = config()
+    mask: object = Image.new("L", (32, 32), 0)
+    if case == "transparent":
+        mask = Image.new("RGBA", (32, 32), (255, 255, 255, 0))  # white, but fully transparent: black
+    elif case == "corrupt":
+        mask = mask_file(tmp_path, b"\x89PNG\r\n\x1a\n not really")
+    elif case == "empty":
+        mask = mask_file(tmp_path, b"")
+    elif case == "huge":
+        monkeypatch.setattr(image_io, "MAX_INPUT_PIXELS", 512 * 512)  # the 512x512 input image passes
+        mask = Image.new("L", (513, 512), 255)
+    elif case == "generation":
+        request, mask = config(generation_prompt="a horse"), Image.new("L", (32, 32), 255)
+    evals = engine.unet_evals
+    with pytest.raises(InputError) as error:
+        engine(request, HORSE, mask=mask)
+    assert error.value.input_name == "mask" and expected in str(error.value)
+    assert engine.unet_evals == evals

@@ -197,10 +197,27 @@ def test_real_image_prediction(server: Server, horse_uri: str) -> None:
     image = _decode(body["output"][0])
     assert image.format == "PNG" and image.size == (128, 128)
     assert np.asarray(image.convert("RGB")).std() > 0  # not a blank image
-    # SPEC 5: every prediction logs its phases with seconds and UNet evals.
+    # Every prediction logs its phases with seconds and UNet evals.
     for phase in ("load", "inversion", "extraction", "translation", "decode"):
         assert phase in body["logs"]
     assert "UNet evals" in body["logs"]
+
+
+def test_masked_prediction_keeps_the_input_outside_the_mask(server: Server, horse_uri: str) -> None:
+    # A transparent PNG with a white stroke on its top half, as a brush tool leaves it.
+    mask = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    mask.paste((255, 255, 255, 255), (0, 0, 40, 20))
+    buffer = io.BytesIO()
+    mask.save(buffer, "PNG")
+    body = server.predict(input_image=horse_uri, mask=_data_uri(buffer.getvalue(), "image/png"), **FAST).json()
+    assert body["status"] == "succeeded", body.get("error")
+    output = np.asarray(_decode(body["output"][0]).convert("RGB"))
+    horse = np.asarray(Image.open(HORSE).convert("RGB").resize((128, 128), Image.Resampling.LANCZOS))
+    assert np.array_equal(output[72:], horse[72:])  # kept exactly (LANCZOS rings a few rows past the edge)
+    assert not np.array_equal(output[:56], horse[:56])  # edited
+
+    generation = server.predict(generation_prompt="a horse", mask=_data_uri(buffer.getvalue(), "image/png"), **FAST).json()
+    assert generation["status"] == "failed" and "mask: works only with an input_image" in generation["error"]
 
 
 def test_generation_mode_returns_source_then_one_image_per_prompt(server: Server) -> None:
@@ -221,7 +238,12 @@ def test_generation_mode_returns_source_then_one_image_per_prompt(server: Server
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("feature_injection_threshold", 1.5), ("negative_prompt_schedule", "bogus"), ("num_inference_steps", 5)],
+    [
+        ("feature_injection_threshold", 1.5),
+        ("negative_prompt_schedule", "bogus"),
+        ("num_inference_steps", 5),
+        ("ddim_inversion_steps", 1000),
+    ],
 )
 def test_out_of_schema_inputs_get_422(server: Server, name: str, value: object) -> None:
     response = server.predict(generation_prompt="a horse", **{**FAST, name: value})
@@ -276,7 +298,7 @@ def test_async_prediction_posts_webhook_events(server: Server, sink: WebhookSink
 
 
 def test_cancel_a_long_prediction(server: Server, sink: WebhookSink, horse_uri: str) -> None:
-    # On the tiny model on two CPU cores one UNet evaluation at 1024x1024 takes seconds, so 1000
+    # On the tiny model on two CPU cores one UNet evaluation at 1024x1024 takes seconds, so 999
     # inversion steps and 200 sampling steps would take hours: the prediction is surely running
     # when it is canceled (a finished one would end "succeeded", not "canceled").
     prediction_id = f"cancel-{uuid.uuid4().hex[:8]}"
@@ -284,7 +306,7 @@ def test_cancel_a_long_prediction(server: Server, sink: WebhookSink, horse_uri: 
         f"{server.url}/predictions/{prediction_id}",
         json={
             "id": prediction_id,
-            "input": {"input_image": horse_uri, "image_size": 1024, "num_inference_steps": 200, "ddim_inversion_steps": 1000},
+            "input": {"input_image": horse_uri, "image_size": 1024, "num_inference_steps": 200, "ddim_inversion_steps": 999},
             "webhook": sink.url("/cancel"),
             "webhook_events_filter": ["start", "completed"],
         },
@@ -343,7 +365,7 @@ def _run_inputs(**overrides) -> dict:
     """Every run() argument (called directly, Input() defaults are not applied)."""
     from pnp.config import INPUTS
 
-    return {"input_image": None, **{name: spec.default for name, spec in INPUTS.items()}, "output_format": "png", **FAST, **overrides}
+    return {"input_image": None, **{name: spec.default for name, spec in INPUTS.items()}, "output_format": "png", "mask": None, **FAST, **overrides}
 
 
 def test_each_prediction_writes_a_fresh_directory(predictor) -> None:

@@ -13,11 +13,14 @@ from pnp import image_io
 from pnp.config import OUTPUT_FORMATS
 from pnp.errors import InputError, NonFiniteError
 from pnp.image_io import (
+    decoded_to_pixels,
+    image_to_pixels,
     image_to_tensor,
     load_image,
+    load_mask,
+    pixels_to_images,
     prepare_image,
     save_images,
-    tensor_to_images,
     working_size,
 )
 
@@ -300,23 +303,25 @@ def test_round_trip_is_exact_for_every_value():
     values = np.arange(256, dtype=np.uint8)
     pixels = np.stack([values, values[::-1], np.roll(values, 7)], axis=-1).reshape(16, 16, 3)
     image = Image.fromarray(pixels)
-    [back] = tensor_to_images(image_to_tensor(image))
+    [back] = pixels_to_images(decoded_to_pixels(image_to_tensor(image)))
     assert back.mode == "RGB" and np.array_equal(np.asarray(back), pixels)
 
 
-def test_tensor_to_images_rounds_and_clamps():
+def test_decoded_pixels_are_clamped_and_rounded():
     def decoded_for(pixel: float) -> float:
         return 2 * pixel / 255 - 1
 
     values = [decoded_for(127.6), decoded_for(127.4), -3.0, 5.0]
     decoded = torch.tensor(values).view(1, 1, 1, 4).expand(2, 3, 1, 4)
-    images = tensor_to_images(decoded)
+    images = pixels_to_images(decoded_to_pixels(decoded))
     assert len(images) == 2
     assert [images[1].getpixel((x, 0)) for x in range(4)] == [(128,) * 3, (127,) * 3, (0,) * 3, (255,) * 3]
 
 
-def test_tensor_to_images_accepts_float16():
-    [image] = tensor_to_images(torch.full((1, 3, 2, 2), 1.0, dtype=torch.float16))
+def test_decoded_float16_becomes_float32_pixels():
+    pixels = decoded_to_pixels(torch.full((1, 3, 2, 2), 1.0, dtype=torch.float16))
+    assert pixels.dtype == torch.float32
+    [image] = pixels_to_images(pixels)
     assert image.getpixel((0, 0)) == WHITE
 
 
@@ -325,7 +330,58 @@ def test_non_finite_values_raise(bad):
     decoded = torch.zeros(1, 3, 4, 4, dtype=torch.float16)
     decoded[0, 1, 2, 3] = bad
     with pytest.raises(NonFiniteError, match="NaN/inf"):
-        tensor_to_images(decoded)
+        decoded_to_pixels(decoded)
+
+
+def test_image_to_pixels_is_uint8_over_255():
+    image = Image.new("RGB", (3, 2), (0, 51, 255))
+    pixels = image_to_pixels(image)
+    assert pixels.shape == (1, 3, 2, 3) and pixels.dtype == torch.float32
+    assert torch.equal(pixels[0, :, 0, 0], torch.tensor([0, 51, 255]) / 255)
+
+
+# --- load_mask ----------------------------------------------------------------------------------------------
+
+
+def test_mask_is_grey_over_255_at_the_working_size():
+    grey = Image.new("L", (64, 64), 128)
+    mask = load_mask(encode(grey), (64, 64))
+    assert mask.shape == (1, 1, 64, 64) and mask.dtype == torch.float32
+    assert torch.equal(mask, torch.full((1, 1, 64, 64), 128 / 255))
+    # Colour is read as Pillow's grey ("L"): 0.299 R + 0.587 G + 0.114 B.
+    assert load_mask(encode(Image.new("RGB", (8, 8), RED)), (8, 8))[0, 0, 0, 0] == pytest.approx(76 / 255)
+
+
+def test_mask_is_stretched_to_the_working_size_ignoring_its_aspect_ratio():
+    tall = Image.new("L", (10, 40), 0)
+    tall.paste(255, (0, 0, 5, 40))  # left half white
+    mask = load_mask(encode(tall), (128, 64))
+    assert mask.shape == (1, 1, 64, 128)
+    assert (mask[..., :24] == 1).all() and (mask[..., 104:] == 0).all()
+    expected = np.asarray(tall.resize((128, 64), Image.Resampling.LANCZOS)) / 255
+    assert np.allclose(mask[0, 0].numpy(), expected)
+
+
+def test_mask_transparency_is_black_so_white_strokes_select():
+    strokes = Image.new("RGBA", (16, 16), (255, 255, 255, 0))  # transparent white canvas
+    strokes.paste((255, 255, 255, 255), (0, 0, 4, 16))  # opaque white stroke
+    strokes.paste((255, 255, 255, 128), (8, 0, 12, 16))  # half-transparent white
+    mask = load_mask(encode(strokes), (16, 16))[0, 0]
+    assert (mask[:, :4] == 1).all() and (mask[:, 4:8] == 0).all() and (mask[:, 12:] == 0).all()
+    assert mask[0, 8] == pytest.approx(128 / 255, abs=1 / 255)
+
+
+def test_mask_exif_orientation_is_applied():
+    mask = load_mask(with_orientation(red_left_blue_right(), "PNG"), (20, 40))[0, 0]
+    # Turned clockwise, the red (brighter in grey) left half becomes the top.
+    assert (mask[:20] > mask[20:].max()).all()
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", encode(Image.new("L", (8, 8), 0))])
+def test_mask_errors_name_mask(data):
+    with pytest.raises(InputError) as caught:
+        load_mask(data, (8, 8))
+    assert caught.value.input_name == "mask"
 
 
 # --- save_images ------------------------------------------------------------------------------------------

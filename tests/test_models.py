@@ -12,6 +12,7 @@ from transformers import CLIPTextModel
 from pnp import ModelError, PnPEngine
 from pnp import models
 from pnp.models import load_model, select_dtype
+from pnp.testing import make_random_model
 
 
 def test_loads_through_the_production_loader_on_the_cpu_in_float32(tiny_model_dir, monkeypatch):
@@ -54,12 +55,22 @@ def test_fp16_only_checkpoint_as_the_download_script_leaves_it(tiny_model_dir, t
     torch.testing.assert_close(model.unet.conv_in.weight, reference.conv_in.weight)
 
 
-def test_v_prediction_is_refused(tmp_path):
-    from pnp.testing import make_random_model
-
+def test_v_prediction_loads_and_other_prediction_types_are_refused(tmp_path):
     path = make_random_model(tmp_path / "v", prediction_type="v_prediction")
-    with pytest.raises(ModelError, match="v_prediction"):
-        load_model(str(path), device="cpu")
+    assert PnPEngine.from_pretrained(str(path), device="cpu").schedule.prediction_type == "v_prediction"
+    sample = make_random_model(tmp_path / "sample", prediction_type="sample")
+    with pytest.raises(ModelError, match="'sample'.*epsilon, v_prediction"):
+        load_model(str(sample), device="cpu")
+
+
+@pytest.mark.parametrize("in_channels, kind", [(9, "inpainting"), (5, "depth")])
+def test_inpainting_and_depth_unets_are_refused(tiny_model_dir, tmp_path, in_channels, kind):
+    other = tmp_path / kind
+    shutil.copytree(tiny_model_dir, other, ignore=shutil.ignore_patterns("unet"))
+    config = dict(UNet2DConditionModel.load_config(tiny_model_dir / "unet"))
+    UNet2DConditionModel.from_config({**config, "in_channels": in_channels}).save_pretrained(other / "unet")
+    with pytest.raises(ModelError, match=f"{in_channels} input channels"):
+        load_model(str(other), device="cpu")
 
 
 def test_unet_without_the_injection_sites_is_refused(tiny_model_dir, tmp_path):

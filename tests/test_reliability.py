@@ -1,4 +1,4 @@
-"""Reliability (issue 5): hostile and odd inputs, numerical faults, faults mid-prediction, output files,
+"""Reliability: hostile and odd inputs, numerical faults, faults mid-prediction, output files,
 a soak run and the network, all end to end through the Cog predictor (`predict.Predictor`) in-process.
 
 pnp.image_io and pnp.config have their own unit tests (tests/test_image_io.py, tests/test_requests.py);
@@ -26,7 +26,7 @@ from PIL import Image
 
 import pnp.engine as engine_module
 from pnp import image_io
-from pnp.config import INPUTS, MAX_PROMPTS, OUTPUT_FORMATS
+from pnp.config import INPUTS, MAX_PROMPTS, OUTPUT_FORMATS, PnPConfig
 from pnp.engine import PnPEngine, PnPResult, RunStats
 from pnp.errors import InputError, NonFiniteError
 
@@ -99,6 +99,7 @@ def inputs(**overrides) -> dict:
         "input_image": None,
         **{name: spec.default for name, spec in INPUTS.items()},
         "output_format": "png",
+        "mask": None,
         **FAST,
         **overrides,
     }
@@ -256,7 +257,7 @@ ACCEPTED = {
     "grey-L": (_grey, (128, 128), {(64, 64): (77, 77, 77)}),
     "animated-gif": (_animated_gif, (128, 128), {(64, 64): RED}),  # the first frame
     "one-pixel": (_one_pixel, (128, 128), {(0, 0): GREEN, (127, 127): GREEN}),
-    "2000x20": (_extreme, (128, 64), {(64, 32): GREEN}),  # SPEC 4.1: never a zero side, at least 64
+    "2000x20": (_extreme, (128, 64), {(64, 32): GREEN}),  # docs/algorithm.md §2: never a zero side, at least 64
 }
 
 
@@ -292,7 +293,7 @@ def test_more_prompts_than_the_limit_are_refused_naming_it(service):
     text = "; ".join(f"prompt {i}" for i in range(MAX_PROMPTS + 1))
     error = assert_refused(service, inputs(input_image=HORSE, translation_prompts=text), "translation_prompts")
     assert f"at most {MAX_PROMPTS}" in str(error) and str(MAX_PROMPTS + 1) in str(error)
-    assert MAX_PROMPTS >= 8  # issue 5: the documented maximum is at least 8
+    assert MAX_PROMPTS >= 8  # the documented maximum is at least 8
 
 
 def test_the_maximum_number_of_prompts_is_served(service):
@@ -350,10 +351,10 @@ def test_unknown_choices_are_refused_listing_the_choices(service, name, value):
 
 
 def test_every_numeric_bound_itself_is_accepted(service, monkeypatch):
-    """The bounds are inclusive (SPEC 2): the predictor hands them to the engine unchanged."""
+    """The bounds are inclusive: the predictor hands them to the engine unchanged."""
     received = []
 
-    def engine(config, image=None):
+    def engine(config, image=None, mask=None):
         received.append(config)
         return PnPResult(images=[Image.new("RGB", (64, 64))], seed=config.seed, stats=RunStats())
 
@@ -363,6 +364,15 @@ def test_every_numeric_bound_itself_is_accepted(service, monkeypatch):
         paths = service.predictor.run(**inputs(input_image=HORSE, **values))
         assert len(paths) == 1
         assert {name: getattr(received[-1], name) for name in values} == values
+
+
+@pytest.mark.parametrize("case", ["generation", "black", "corrupt"])
+def test_bad_masks_are_refused_by_the_predictor_naming_mask(service, tmp_path, case):
+    mask = write(tmp_path, "mask.png", encode(Image.new("L", (16, 16), 0 if case == "black" else 255)))
+    if case == "corrupt":
+        mask = write(tmp_path, "mask.png", b"GIF89a broken")
+    request = inputs(generation_prompt="a horse", mask=mask) if case == "generation" else inputs(input_image=HORSE, mask=mask)
+    assert_refused(service, request, "mask")
 
 
 def test_inversion_steps_that_do_not_nest_are_refused_with_valid_values(service):
@@ -426,6 +436,23 @@ def test_non_finite_in_bfloat16_is_retried_in_float32(service, bf16_engine, monk
     retries = [r for r in pnp_logs.records if r.name == "pnp.engine" and r.levelno == logging.WARNING]
     assert any("float32" in r.getMessage() for r in retries)
     assert model_dtypes(bf16_engine) == {torch.bfloat16}  # back in its own dtype
+
+
+def test_the_float32_retry_serves_later_half_precision_requests(bf16_engine):
+    request = PnPConfig.from_mapping({**FAST, "inversion_prompt": "retried once"})
+    calls: dict = {}
+    handle = bf16_engine.model.unet.register_forward_hook(nan_unet_hook(calls, only_below_float32=True))
+    try:
+        bf16_engine(request, HORSE)
+    finally:
+        handle.remove()
+    assert calls.get(torch.bfloat16, 0) > 0 and calls.get(torch.float32, 0) > 0
+    (key,) = [key for key, _ in entries_for(bf16_engine, "retried once")]
+    assert key.dtype == "torch.float32"
+    # The next bfloat16 request reuses the float32 inversion instead of failing its own first.
+    stats = bf16_engine(request.replace(translation_prompts="a zebra"), HORSE).stats
+    assert stats.cache_hit and stats.unet_evals == stats.phases["translation"].unet_evals == 20
+    assert model_dtypes(bf16_engine) == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

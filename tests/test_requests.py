@@ -32,7 +32,7 @@ def engine(tiny_model_dir) -> PnPEngine:
         ({"negative_prompt_alpha": float("nan")}, "negative_prompt_alpha"),
         ({"num_inference_steps": 5}, "num_inference_steps"),
         ({"num_inference_steps": 20.5}, "num_inference_steps"),
-        ({"ddim_inversion_steps": 1001}, "ddim_inversion_steps"),
+        ({"ddim_inversion_steps": 1000}, "ddim_inversion_steps"),
         ({"image_size": 500}, "image_size"),
         ({"image_size": 2048}, "image_size"),
         ({"seed": -1}, "seed"),
@@ -115,7 +115,7 @@ def test_unknown_preset_lists_the_presets():
 
 
 def test_cost_model_of_the_default_request(engine):
-    """SPEC 5: M + max(n_f, n_a) + 2NP on a new image, 2NP on a repeat (defaults: M = N = 50)."""
+    """docs/cost-model.md: M + max(n_f, n_a) + 2NP on a new image, 2NP on a repeat (defaults: M = N = 50)."""
     defaults = {"image_size": 128}
     new = engine(PnPConfig.from_mapping({**defaults, "translation_prompts": "a cat"}), HORSE).stats
     assert [new.phases[p].unet_evals for p in ("inversion", "extraction", "translation")] == [50, 40, 100]
@@ -177,11 +177,11 @@ def test_a_request_that_fails_midway_leaves_no_cache_entry(engine):
 
 
 def entry_of(nbytes: int) -> SourceEntry:
-    return SourceEntry({0: torch.zeros(nbytes // 4)}, SourceFeatures({}))
+    return SourceEntry(torch.zeros(0), {0: torch.zeros(nbytes // 4)}, SourceFeatures({}))
 
 
 def key(name: str) -> SourceKey:
-    return SourceKey("model", name, 64, 64, 50, 50, "")
+    return SourceKey("model", "torch.float32", name, 64, 64, 50, 50, "")
 
 
 def test_cache_evicts_least_recently_used_within_its_byte_bound():
