@@ -4,8 +4,9 @@
 reading this file's source statically, so every `Input()` below holds plain literals, one string
 literal per description: the static reader silently drops bounds, and turns defaults into "required",
 when they are expressions such as `INPUTS["scale"].minimum`. The values are those of
-`pnp.config.INPUTS`, where the engine's own validation reads them; tests/test_cog_schema.py checks
-that the two agree and that a static reader sees the same as Cog's runtime inspector.
+`pnp.config.INPUTS` and `pnp.config.OUTPUT_FORMAT`, where the engine's own validation reads them;
+tests/test_cog_schema.py checks that the two agree and that a static reader sees the same as Cog's
+runtime inspector.
 """
 
 from __future__ import annotations

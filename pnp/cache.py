@@ -1,7 +1,7 @@
 """The cache of inversions: per image and inversion settings, the source latents and features, LRU by bytes.
 
 An entry is put only once complete, so a request that fails or is cancelled half-way never leaves a
-partial one behind; a request that needs more steps of features builds a new, larger entry.
+partial one behind; a request that injects more steps of features than an entry holds replaces it.
 """
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ class SourceCache:
     @property
     def nbytes(self) -> int:
         return sum(entry.nbytes for entry in self._entries.values())
+
+    def items(self) -> list[tuple[SourceKey, SourceEntry]]:
+        """The entries, least recently used first (reading them does not count as a use)."""
+        return list(self._entries.items())
 
     def get(self, key: SourceKey) -> SourceEntry | None:
         entry = self._entries.get(key)

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import INPUTS, OUTPUT_FORMATS, PnPConfig, load_preset
+from .config import INPUTS, OUTPUT_FORMAT, PnPConfig, load_preset
 from .engine import PnPEngine
 from .errors import InputError, ModelError, NonFiniteError
 from .image_io import save_images
@@ -29,16 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="outputs", help="directory for the images (default: outputs)")
     parser.add_argument("--config", help="a preset: a YAML file, or real, generated or primitive from configs/")
     parser.add_argument("--mask", metavar="PATH", help="region to edit: white is edited, black keeps the image exactly")
-    parser.add_argument("--output_format", choices=OUTPUT_FORMATS, default="png")
+    parser.add_argument(
+        "--output_format",
+        type=OUTPUT_FORMAT.type,
+        choices=OUTPUT_FORMAT.choices,
+        default=OUTPUT_FORMAT.default,
+        help=f"{OUTPUT_FORMAT.description} (default: {OUTPUT_FORMAT.default})",
+    )
     parser.add_argument("--model", help="diffusers directory or hub id (default: PNP_MODEL, else weights/)")
     parser.add_argument("--device", help="torch device (default: PNP_DEVICE, else cuda when present, else cpu)")
     parser.add_argument("--dtype", help="float16, bfloat16 or float32 (default: PNP_DTYPE, else by device)")
     options = parser.add_argument_group("inputs (default: the preset's, else the service's)")
     for name, spec in INPUTS.items():
-        if name == "translation_prompts":
+        if name == "translation_prompts":  # the last positional argument
             continue
-        kind = str if spec.minimum is None else (float if isinstance(spec.default, float) else int)
-        options.add_argument(f"--{name}", type=kind, choices=spec.choices, help=spec.description)
+        options.add_argument(f"--{name}", type=spec.type, choices=spec.choices, help=spec.description)
     return parser
 
 

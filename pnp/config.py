@@ -1,15 +1,16 @@
-"""The request configuration: the public inputs, their bounds, presets, and validation.
+"""The request configuration: the public inputs, their types and bounds, presets, and validation.
 
-Every interface (the Cog predictor, the command line, the Python API) builds a `PnPConfig` through
-`PnPConfig.from_mapping`, so each input is checked in one place and a bad one is refused with an
-`InputError` that names it and what is allowed.
+`INPUTS` defines each of the engine's inputs once. `PnPConfig` takes its fields and defaults from it
+and checks every field when it is constructed, so no invalid config exists and each input is checked
+in one place, whichever interface (the Cog predictor, the command line, the Python API) builds it. A
+bad input is refused with an `InputError` that names it and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,20 +18,23 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from .errors import InputError
+from .schedules import NEGATIVE_PROMPT_SCHEDULES
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 MAX_PROMPTS = 8
 """Most target prompts one request may carry; each one costs 2N UNet evaluations."""
 
-NEGATIVE_PROMPT_SCHEDULES = ("linear", "constant", "exp")
-OUTPUT_FORMATS = ("png", "webp", "jpg")
-
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What one public input accepts, shared by validation, the Cog schema and the command line."""
+    """What one public input accepts, shared by validation, the Cog schema test and the command line.
 
+    `type` is the input's type in a request: int, float (both with bounds) or str. None is accepted
+    only where it is the default (the seed, where it means a random one).
+    """
+
+    type: type
     default: Any
     description: str
     minimum: float | None = None
@@ -38,10 +42,33 @@ class InputSpec:
     choices: tuple[str, ...] | None = None
     multiple_of: int | None = None
 
+    def check(self, name: str, value: Any) -> Any:
+        """`value` as a `type`, or an InputError saying what the input `name` allows."""
+        if value is None and self.default is None:
+            return None
+        if self.type is str:
+            if self.choices is not None and value not in self.choices:
+                raise InputError(name, f"must be one of {', '.join(self.choices)}; got {value!r}")
+            if not isinstance(value, str):
+                raise InputError(name, f"must be text, not {type(value).__name__}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(name, f"must be a number, not {value!r}")
+        if not math.isfinite(value):
+            raise InputError(name, f"must be a finite number, not {value!r}")
+        if self.type is int and value != int(value):
+            raise InputError(name, f"must be an integer, not {value!r}")
+        if not self.minimum <= value <= self.maximum:
+            raise InputError(name, f"must be between {self.minimum} and {self.maximum}, got {value}")
+        if self.multiple_of and value % self.multiple_of:
+            raise InputError(name, f"must be a multiple of {self.multiple_of}, got {value}")
+        return self.type(value)
+
 
 # In the public schema's order (README, Inputs): the published model's inputs first, then the new ones.
 INPUTS: dict[str, InputSpec] = {
     "ddim_inversion_steps": InputSpec(
+        int,
         50,
         "Number of DDIM steps used to invert the input image. Every sampling timestep must be one of "
         "the inversion timesteps (for 50 sampling steps: 50, 99, 100, 197-200, 246-250, 491-500 or "
@@ -50,12 +77,14 @@ INPUTS: dict[str, InputSpec] = {
         maximum=999,
     ),
     "generation_prompt": InputSpec(
+        str,
         "",
         "Generate the source image from this text instead of using input_image; the generated image "
         "is returned first.",
     ),
-    "scale": InputSpec(10.0, "Classifier-free guidance scale of the translation.", minimum=0.0, maximum=30.0),
+    "scale": InputSpec(float, 10.0, "Classifier-free guidance scale of the translation.", minimum=0.0, maximum=30.0),
     "feature_injection_threshold": InputSpec(
+        float,
         0.8,
         "Fraction of the sampling steps, from the start, during which the source's ResNet features "
         "are injected. Higher keeps more of the source's structure.",
@@ -63,22 +92,25 @@ INPUTS: dict[str, InputSpec] = {
         maximum=1.0,
     ),
     "translation_prompts": InputSpec(
+        str,
         "a photo of a robot horse",
         f"Target prompts separated by ';', one output image per prompt (at most {MAX_PROMPTS}).",
     ),
     "negative_prompt": InputSpec(
-        "", "Text blended into the unconditional branch to steer away from (e.g. a description of the source)."
+        str, "", "Text blended into the unconditional branch to steer away from (e.g. a description of the source)."
     ),
     "negative_prompt_alpha": InputSpec(
+        float,
         1.0,
         "Strength of the negative prompt, lower is stronger: the unconditional branch gets weight alpha times the schedule, the negative prompt the rest (with the constant schedule, 1 leaves it out).",
         minimum=0.0,
         maximum=1.0,
     ),
     "num_inference_steps": InputSpec(
-        50, "Number of DDIM sampling steps of generation and translation.", minimum=10, maximum=200
+        int, 50, "Number of DDIM sampling steps of generation and translation.", minimum=10, maximum=200
     ),
     "attention_injection_threshold": InputSpec(
+        float,
         0.5,
         "Fraction of the sampling steps, from the start, during which the source's self-attention "
         "queries and keys are injected.",
@@ -86,12 +118,16 @@ INPUTS: dict[str, InputSpec] = {
         maximum=1.0,
     ),
     "negative_prompt_schedule": InputSpec(
+        str,
         "linear",
         "How the negative prompt's weight evolves over the sampling steps.",
-        choices=NEGATIVE_PROMPT_SCHEDULES,
+        choices=tuple(NEGATIVE_PROMPT_SCHEDULES),
     ),
-    "inversion_prompt": InputSpec("", "Text that conditions the inversion of the input image and its source features."),
+    "inversion_prompt": InputSpec(
+        str, "", "Text that conditions the inversion of the input image and its source features."
+    ),
     "image_size": InputSpec(
+        int,
         512,
         "Longer side of the working resolution in pixels (a multiple of 64); the other side keeps the "
         "aspect ratio, rounded to a multiple of 64.",
@@ -100,6 +136,7 @@ INPUTS: dict[str, InputSpec] = {
         multiple_of=64,
     ),
     "seed": InputSpec(
+        int,
         None,
         "Seed of the generation noise (generation mode). Leave empty for a random seed; the seed used is logged.",
         minimum=0,
@@ -107,87 +144,73 @@ INPUTS: dict[str, InputSpec] = {
     ),
 }
 
+# How the images are written, not what the engine computes: an input of the predictor and the command
+# line, so it is no PnPConfig field.
+OUTPUT_FORMAT = InputSpec(str, "png", "Format of the returned images.", choices=("png", "webp", "jpg"))
 
-def parse_prompts(text: str) -> tuple[str, ...]:
-    """Split `;`-separated prompts, dropping blank ones; refuse none or more than MAX_PROMPTS."""
-    if not isinstance(text, str):
-        raise InputError("translation_prompts", f"must be text, not {type(text).__name__}")
-    prompts = tuple(part.strip() for part in text.split(";") if part.strip())
-    if not prompts:
+
+def parse_prompts(prompts: str | Sequence[str]) -> tuple[str, ...]:
+    """Split `;`-separated prompts (text, or a list of texts), dropping blank ones; refuse none or more than MAX_PROMPTS."""
+    if isinstance(prompts, (list, tuple)) and all(isinstance(prompt, str) for prompt in prompts):
+        prompts = ";".join(prompts)
+    if not isinstance(prompts, str):
+        raise InputError("translation_prompts", f"must be text or a list of texts, not {type(prompts).__name__}")
+    parsed = tuple(part.strip() for part in prompts.split(";") if part.strip())
+    if not parsed:
         raise InputError("translation_prompts", "give at least one non-empty prompt (separate several with ';')")
-    if len(prompts) > MAX_PROMPTS:
-        raise InputError(
-            "translation_prompts", f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}"
-        )
-    return prompts
+    if len(parsed) > MAX_PROMPTS:
+        raise InputError("translation_prompts", f"at most {MAX_PROMPTS} prompts per request, got {len(parsed)}")
+    return parsed
 
 
 def check_output_format(output_format: str) -> str:
-    """The format of the returned images, refused unless it is one of OUTPUT_FORMATS."""
-    if output_format not in OUTPUT_FORMATS:
-        raise InputError("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}")
-    return output_format
+    """The format of the returned images, refused unless it is one of OUTPUT_FORMAT's choices."""
+    return OUTPUT_FORMAT.check("output_format", output_format)
 
 
-def _check_number(name: str, value: Any, spec: InputSpec) -> int | float:
-    integral = isinstance(spec.default, int) or name == "seed"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputError(name, f"must be a number, not {value!r}")
-    if integral and value != int(value):
-        raise InputError(name, f"must be an integer, not {value!r}")
-    if not math.isfinite(value):
-        raise InputError(name, f"must be a finite number, not {value!r}")
-    if not spec.minimum <= value <= spec.maximum:
-        raise InputError(name, f"must be between {spec.minimum} and {spec.maximum}, got {value}")
-    if spec.multiple_of and value % spec.multiple_of:
-        raise InputError(name, f"must be a multiple of {spec.multiple_of}, got {value}")
-    return int(value) if integral else float(value)
+def _checked(name: str, value: Any) -> Any:
+    """The value the config field `name` stores for `value`: the prompts as a tuple, numbers as their type."""
+    if name == "translation_prompts":
+        return parse_prompts(value)
+    return INPUTS[name].check(name, value)
 
 
-def _check(name: str, value: Any) -> Any:
-    spec = INPUTS[name]
-    if spec.choices is not None:
-        if value not in spec.choices:
-            raise InputError(name, f"must be one of {', '.join(spec.choices)}; got {value!r}")
-        return value
-    if spec.minimum is not None:
-        return None if value is None and spec.default is None else _check_number(name, value, spec)
-    if not isinstance(value, str):
-        raise InputError(name, f"must be text, not {type(value).__name__}")
-    return value
+def _default(name: str) -> Any:
+    """A dataclass field whose default is the input's, as the field stores it."""
+    return dataclasses.field(default=_checked(name, INPUTS[name].default))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PnPConfig:
-    """One validated translation request (everything but the image itself)."""
+    """One valid translation request (everything but the image itself): the fields are INPUTS, in its
+    order and with its defaults, and constructing one, also by `dataclasses.replace`, checks each."""
 
-    translation_prompts: tuple[str, ...] = parse_prompts(INPUTS["translation_prompts"].default)
-    generation_prompt: str = ""
-    ddim_inversion_steps: int = 50
-    scale: float = 10.0
-    feature_injection_threshold: float = 0.8
-    attention_injection_threshold: float = 0.5
-    negative_prompt: str = ""
-    negative_prompt_alpha: float = 1.0
-    negative_prompt_schedule: str = "linear"
-    num_inference_steps: int = 50
-    inversion_prompt: str = ""
-    image_size: int = 512
-    seed: int | None = None
+    ddim_inversion_steps: int = _default("ddim_inversion_steps")
+    generation_prompt: str = _default("generation_prompt")
+    scale: float = _default("scale")
+    feature_injection_threshold: float = _default("feature_injection_threshold")
+    translation_prompts: tuple[str, ...] = _default("translation_prompts")
+    negative_prompt: str = _default("negative_prompt")
+    negative_prompt_alpha: float = _default("negative_prompt_alpha")
+    num_inference_steps: int = _default("num_inference_steps")
+    attention_injection_threshold: float = _default("attention_injection_threshold")
+    negative_prompt_schedule: str = _default("negative_prompt_schedule")
+    inversion_prompt: str = _default("inversion_prompt")
+    image_size: int = _default("image_size")
+    seed: int | None = _default("seed")
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            # Frozen, so set through object; checking also normalises (20.0 steps -> 20, text -> prompts).
+            object.__setattr__(self, field.name, _checked(field.name, getattr(self, field.name)))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PnPConfig:
-        """Validate `values` (defaults for what is missing); `translation_prompts` may be `;`-separated text."""
+        """Validate `values` (defaults for what is missing); `translation_prompts` may be `;`-separated text or a list."""
         unknown = sorted(set(values) - set(INPUTS))
         if unknown:
             raise InputError(unknown[0], f"unknown input; known inputs are {', '.join(INPUTS)}")
-        checked: dict[str, Any] = {}
-        for name, value in values.items():
-            if name == "translation_prompts":
-                checked[name] = parse_prompts(value if isinstance(value, str) else ";".join(value))
-            else:
-                checked[name] = _check(name, value)
-        return cls(**checked)
+        return cls(**values)
 
     @property
     def generation_mode(self) -> bool:
@@ -204,6 +227,7 @@ class PnPConfig:
         return int(self.num_inference_steps * self.attention_injection_threshold)
 
     def replace(self, **changes: Any) -> PnPConfig:
+        """A copy with `changes`; unlike `dataclasses.replace`, an unknown name is an InputError."""
         return PnPConfig.from_mapping({**self.as_dict(), **changes})
 
     def as_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,12 +32,12 @@ from .image_io import (
     pixels_to_images,
     prepare_image,
 )
-from .injection import FeatureInjector, SourceFeatures
+from .injection import FeatureInjector
 from .inversion import extract_features, invert
 from .models import StableDiffusion, load_model
 from .region import EditRegion
 from .schedules import NoiseSchedule, negative_prompt_weights
-from .translation import Injection, Prompts, sample
+from .translation import Denoiser, Injection, PromptEmbeddings, generate_source, translate
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +68,6 @@ class RunStats:
     @property
     def unet_evals(self) -> int:
         return sum(p.unet_evals for p in self.phases.values())
-
-    def as_dict(self) -> dict:
-        return {
-            "phases": {name: asdict(p) for name, p in self.phases.items()},
-            "seconds": self.seconds,
-            "unet_evals": self.unet_evals,
-            "cache_hit": self.cache_hit,
-        }
 
     def summary(self) -> str:
         lines = [f"{name:<12} {p.seconds:8.2f} s {p.unet_evals:6d} UNet evals" for name, p in self.phases.items()]
@@ -148,8 +140,9 @@ class PnPEngine:
             phase.unet_evals += self.unet_evals - evals
             logger.info("%s done: %.2f s, %d UNet evals", name, phase.seconds, phase.unet_evals)
 
-    def _batch_size(self, latent: torch.Tensor) -> int:
-        return max(1, self.batch_latent_pixels // (latent.shape[-1] * latent.shape[-2]))
+    def _batch_size(self, width: int, height: int) -> int:
+        """Latents per UNet or VAE call at a working size: `batch_latent_pixels` over the latent's pixels."""
+        return max(1, self.batch_latent_pixels // ((width // 8) * (height // 8)))
 
     @torch.no_grad()
     def __call__(
@@ -165,6 +158,7 @@ class PnPEngine:
         float16 or bfloat16 get the request one more run in float32 before it fails.
         """
         stats = RunStats()
+        self.injector.check_attention_processors()
         steps_spec = INPUTS["num_inference_steps"]
         self.schedule.check_training_range("num_inference_steps", config.num_inference_steps, steps_spec.minimum)
         prepared = pixel_mask = None
@@ -205,17 +199,17 @@ class PnPEngine:
     ) -> PnPResult:
         num_steps = config.num_inference_steps
         timesteps = self.schedule.sampling_timesteps(num_steps)
-        needed_steps = max(config.feature_injection_steps, config.attention_injection_steps)
+        resnet_steps, attention_steps = config.feature_injection_steps, config.attention_injection_steps
         negative = config.negative_prompt.strip() != ""
         texts = ["", config.generation_prompt if config.generation_mode else config.inversion_prompt, *config.translation_prompts]
         embeddings = self.model.encode_text(texts + ([config.negative_prompt] if negative else []))
         unconditional, source_text = embeddings[:1], embeddings[1:2]
-        prompts = Prompts(
-            unconditional=unconditional,
-            targets=embeddings[2 : 2 + len(config.translation_prompts)],
-            negative=embeddings[-1:] if negative else None,
-        )
+        batch_size = self._batch_size(*(prepared.size if prepared is not None else (config.image_size,) * 2))
 
+        def denoiser(prompts: PromptEmbeddings, scale: float, weights: list[float], injection: Injection | None) -> Denoiser:
+            return Denoiser(self.model.unet, self.injector, self.schedule, timesteps, prompts, scale, weights, batch_size, injection)
+
+        region = source_latent = None
         if prepared is None:
             logger.info("seed %d", seed)
             noise = torch.randn(
@@ -224,49 +218,34 @@ class PnPEngine:
                 dtype=torch.float32,
             ).to(self.model.device, self.model.dtype)
             with self._phase(stats, "extraction"):
-                source_latent, source = sample(
-                    self.model.unet,
-                    self.injector,
-                    self.schedule,
-                    noise,
-                    timesteps,
-                    Prompts(unconditional=unconditional, targets=source_text),
-                    scale=GENERATION_GUIDANCE_SCALE,
-                    negative_weights=[1.0] * num_steps,
-                    batch_size=self._batch_size(noise),
-                    capture_steps=needed_steps,
+                generator = denoiser(
+                    PromptEmbeddings(unconditional, targets=source_text), GENERATION_GUIDANCE_SCALE, [1.0] * num_steps, None
                 )
+                source_latent, source = generate_source(generator, noise, resnet_steps, attention_steps)
             start = noise
         else:
-            entry = self._source_entry(config, prepared, timesteps, source_text, unconditional, stats)
-            source, start, source_latent = entry.features, entry.latents[timesteps[0]], None
-        region = None
-        if pixel_mask is not None:
-            kept_latents = [entry.latents[t] for t in timesteps[1:]] + [entry.image_latent]
-            region = EditRegion.from_mask(pixel_mask, image_to_pixels(prepared), kept_latents)
+            entry = self._source_entry(config, prepared, timesteps, source_text, unconditional, batch_size, stats)
+            source, start = entry.features, entry.latents[timesteps[0]]
+            if pixel_mask is not None:
+                kept_latents = [entry.latents[t] for t in timesteps[1:]] + [entry.image_latent]
+                region = EditRegion.from_mask(pixel_mask, image_to_pixels(prepared), kept_latents)
 
         weights = (
             negative_prompt_weights(config.negative_prompt_schedule, config.negative_prompt_alpha, num_steps)
             if negative
             else [1.0] * num_steps
         )
+        prompts = PromptEmbeddings(
+            unconditional,
+            targets=embeddings[2 : 2 + len(config.translation_prompts)],
+            negative=embeddings[-1:] if negative else None,
+        )
         with self._phase(stats, "translation"):
-            translated, _ = sample(
-                self.model.unet,
-                self.injector,
-                self.schedule,
-                start,
-                timesteps,
-                prompts,
-                scale=config.scale,
-                negative_weights=weights,
-                batch_size=self._batch_size(start),
-                injection=Injection(source, config.feature_injection_steps, config.attention_injection_steps),
-                region=region,
-            )
+            injection = Injection(source, resnet_steps, attention_steps)
+            translated = translate(denoiser(prompts, config.scale, weights, injection), start, region)
         with self._phase(stats, "decode"):
             latents = translated if source_latent is None else torch.cat([source_latent, translated])
-            pixels = decoded_to_pixels(self.model.decode_latents(latents, self._batch_size(start)))
+            pixels = decoded_to_pixels(self.model.decode_latents(latents, batch_size))
             if region is not None:
                 pixels = region.blend_pixels(pixels)
             images = pixels_to_images(pixels)
@@ -279,10 +258,11 @@ class PnPEngine:
         timesteps: list[int],
         inversion_text: torch.Tensor,
         unconditional: torch.Tensor,
+        batch_size: int,
         stats: RunStats,
     ) -> SourceEntry:
-        """The inversion latents and source features of a real image, from the cache or computed (only
-        the missing steps of features), and cached once complete and finite."""
+        """The inversion latents and source features of a real image, from the cache or computed, and
+        cached once complete and finite."""
         key = SourceKey(
             model=self.model.name,
             dtype=str(self.model.dtype),
@@ -295,9 +275,11 @@ class PnPEngine:
         )
         # A float32 entry, left by the float32 retry of a request whose half-precision run failed, serves
         # half-precision requests too: their own inversion of the image would most likely fail again.
-        float32_key = replace(key, dtype=str(torch.float32))
-        entry = self.cache.get(key) or self.cache.get(float32_key)
+        entry = self.cache.get(key) or self.cache.get(replace(key, dtype=str(torch.float32)))
         stats.cache_hit = entry is not None
+        resnet_steps, attention_steps = config.feature_injection_steps, config.attention_injection_steps
+        if entry is not None and entry.features.covers(resnet_steps, attention_steps):
+            return entry
         if entry is None:
             with self._phase(stats, "load"):
                 image_latent = self.model.encode_image(image_to_tensor(prepared)).float()
@@ -305,26 +287,26 @@ class PnPEngine:
                 latents = invert(
                     self.model.unet, self.schedule, image_latent, inversion_text, config.ddim_inversion_steps, set(timesteps)
                 )
-            entry = SourceEntry(image_latent, latents, SourceFeatures({}))
-
-        features = entry.features
-        wanted = {"resnet": config.feature_injection_steps, "attention": config.attention_injection_steps}
-        have = {"resnet": features.resnet_steps, "attention": features.attention_steps}
-        short = [kind for kind in wanted if wanted[kind] > have[kind]]
-        if short:
-            first, last = min(have[k] for k in short), max(wanted[k] for k in short)
-            with self._phase(stats, "extraction"):
-                extracted = extract_features(
-                    self.model.unet,
-                    self.injector,
-                    [entry.latents[t] for t in timesteps[first:last]],
-                    timesteps[first:last],
-                    unconditional,
-                    self._batch_size(entry.latents[timesteps[0]]),
-                )
-            entry = SourceEntry(entry.image_latent, entry.latents, features.extended(extracted, first))
-        if short or not stats.cache_hit:
-            if not entry.is_finite():
-                raise NonFiniteError("the inversion of the image produced NaN or infinite values")
-            self.cache.put(key, entry)
+        else:
+            # Features for fewer steps than this request injects are extracted again, in one batched pass,
+            # for the longer of both requests' lengths, so that alternating requests find them next time.
+            image_latent, latents = entry.image_latent, entry.latents
+            resnet_steps = max(resnet_steps, entry.features.resnet_steps)
+            attention_steps = max(attention_steps, entry.features.attention_steps)
+        steps = max(resnet_steps, attention_steps)
+        with self._phase(stats, "extraction"):
+            features = extract_features(
+                self.model.unet,
+                self.injector,
+                [latents[t] for t in timesteps[:steps]],
+                timesteps[:steps],
+                unconditional,
+                batch_size,
+                resnet_steps,
+                attention_steps,
+            )
+        entry = SourceEntry(image_latent, latents, features)
+        if not entry.is_finite():
+            raise NonFiniteError("the inversion of the image produced NaN or infinite values")
+        self.cache.put(key, entry)
         return entry

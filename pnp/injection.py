@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from .errors import ModelError
@@ -50,27 +51,32 @@ def locate_sites(unet: nn.Module) -> dict[str, nn.Module]:
     return {key: modules[path] for key, path in wanted.items()}
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceFeatures:
     """Source features per key, stacked by sampling step: each tensor is (steps, sources, ...).
 
-    `sources` is 1 for a real image (the inversion's forward pass) and 2 for a generated source
-    (its unconditional and conditional halves). ResNet and attention features cover their own number
-    of leading steps, since they are injected for different lengths.
+    `sources` is 1 for a real image (the inversion's forward pass) and 2 for a generated source (its
+    unconditional and conditional halves). ResNet features are kept for the n_f steps they are injected
+    and attention features for n_a (docs/algorithm.md §4), so a cache entry holds nothing unused.
     """
 
     features: dict[str, torch.Tensor]
+    resnet_steps: int
+    attention_steps: int
 
-    def steps(self, key: str) -> int:
-        return self.features[key].shape[0] if key in self.features else 0
+    @classmethod
+    def keeping(cls, features: Mapping[str, torch.Tensor], resnet_steps: int, attention_steps: int) -> SourceFeatures:
+        """The first `resnet_steps` steps of the ResNet features and `attention_steps` of the attention ones."""
+        kept = {}
+        for key, tensor in features.items():
+            steps = resnet_steps if key == RESNET_KEY else attention_steps
+            # A slice would keep the whole tensor's memory alive: copy what is kept.
+            kept[key] = tensor if steps == len(tensor) else tensor[:steps].clone()
+        return cls(kept, resnet_steps, attention_steps)
 
-    @property
-    def resnet_steps(self) -> int:
-        return self.steps(RESNET_KEY)
-
-    @property
-    def attention_steps(self) -> int:
-        return min(self.steps(key) for key in attention_keys())
+    def covers(self, resnet_steps: int, attention_steps: int) -> bool:
+        """Whether these features serve a request injecting that many steps of each kind."""
+        return resnet_steps <= self.resnet_steps and attention_steps <= self.attention_steps
 
     @property
     def nbytes(self) -> int:
@@ -87,36 +93,36 @@ class SourceFeatures:
             selected.update({key: self.features[key][step] for key in attention_keys()})
         return selected
 
-    @staticmethod
-    def stack(per_step: list[dict[str, torch.Tensor]]) -> SourceFeatures:
-        """Stack captures of consecutive steps, each key (sources, ...), into (steps, sources, ...)."""
-        if not per_step:
-            return SourceFeatures({})
-        return SourceFeatures({key: torch.stack([step[key] for step in per_step]) for key in per_step[0]})
-
-    def extended(self, later: SourceFeatures, first_step: int) -> SourceFeatures:
-        """These features followed by `later`'s, which start at sampling step `first_step`.
-
-        A key whose cached steps stop short of `first_step` keeps what it has: its steps were not asked for.
-        """
-        merged = dict(self.features)
-        for key, tensor in later.features.items():
-            have = self.steps(key)
-            if have >= first_step:
-                parts = [t for t in (self.features.get(key), tensor[have - first_step :]) if t is not None]
-                merged[key] = torch.cat(parts)
-        return SourceFeatures(merged)
-
 
 class FeatureInjector:
     """Forward hooks at the injection sites that capture their outputs or replace them with the source's."""
 
     def __init__(self, unet: nn.Module):
         self._sites = locate_sites(unet)
+        self._attentions = {site: unet.get_submodule(f"{site}.transformer_blocks.0.attn1") for site in ATTENTION_SITES}
         self._captured: dict[str, list[torch.Tensor]] | None = None
         self._injected: Mapping[str, torch.Tensor] = {}
         for key, module in self._sites.items():
             module.register_forward_hook(self._hook(key))
+        self.check_attention_processors()
+
+    def check_attention_processors(self) -> None:
+        """Refuse attention that would bypass the hooks on `to_q` and `to_k`.
+
+        The injection rests on one rule: the self-attention at each site computes its queries and keys
+        by calling its own `to_q` and `to_k` modules. diffusers' `AttnProcessor2_0` (the one
+        `pnp.models.load_model` sets; scaled-dot-product attention) does. Fused QKV projections
+        (`fuse_qkv_projections`, one `to_qkv` matmul) or another processor (xformers, a custom one)
+        may not, and would silently switch the injection off, so they are refused.
+        """
+        for site, attention in self._attentions.items():
+            # Exactly this type: fused QKV projections run through FusedAttnProcessor2_0, a sibling class.
+            if type(attention.processor) is not AttnProcessor2_0:
+                raise ModelError(
+                    f"the self-attention at {site} runs {type(attention.processor).__name__}; Plug-and-Play "
+                    "injection needs AttnProcessor2_0, which calls to_q and to_k (fused QKV projections or "
+                    "other processors would bypass the injection)"
+                )
 
     def _hook(self, key: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:

@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from diffusers import UNet2DConditionModel
 
 from .injection import FeatureInjector, SourceFeatures
-from .schedules import NoiseSchedule
-
-logger = logging.getLogger(__name__)
+from .progress import progress
+from .schedules import NoiseSchedule, ddim_step
 
 
 @torch.no_grad()
@@ -25,23 +22,20 @@ def invert(
 ) -> dict[int, torch.Tensor]:
     """Run DDIM backwards from `latent` (1, 4, h, w) to noise; return z_src[τ] for each τ in `keep`.
 
+    The noise of step i is predicted on the current latent at the step's own, noisier timestep τ_i.
     The latent stays float32 between steps; the UNet runs in its own dtype.
     """
     timesteps = schedule.inversion_timesteps(num_steps)
+    alphas = [schedule.alpha(None)] + [schedule.alpha(t) for t in timesteps]
     z = latent.float()
     kept: dict[int, torch.Tensor] = {}
     # Timesteps as device tensors up front: a Python int would be copied to the device at every call.
     device_timesteps = torch.tensor(timesteps, device=latent.device)
-    for i, timestep in enumerate(timesteps):
-        alpha = schedule.alpha(timestep)
-        alpha_prev = schedule.alpha(timesteps[i - 1] if i > 0 else None)
+    for i in progress(num_steps, "inversion"):
         output = unet(z.to(unet.dtype), device_timesteps[i], encoder_hidden_states=text_embedding).sample
-        eps = schedule.epsilon(output, z, alpha)
-        z = alpha**0.5 * (z - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5 + (1 - alpha) ** 0.5 * eps
-        if timestep in keep:
-            kept[timestep] = z
-        if (i + 1) % 100 == 0:
-            logger.info("inversion step %d/%d", i + 1, num_steps)
+        z = ddim_step(z, schedule.epsilon(output, z, alphas[i + 1]), alphas[i], alphas[i + 1])
+        if timesteps[i] in keep:
+            kept[timesteps[i]] = z
     return kept
 
 
@@ -53,11 +47,14 @@ def extract_features(
     timesteps: list[int],
     text_embedding: torch.Tensor,
     batch_size: int,
+    resnet_steps: int,
+    attention_steps: int,
 ) -> SourceFeatures:
-    """Source features of `unet(latents[i], timesteps[i], text_embedding)`, several timesteps per UNet call.
+    """Source features of `unet(latents[i], timesteps[i], text_embedding)`, several timesteps per UNet call,
+    for the first `resnet_steps` steps of the ResNet site and `attention_steps` of the attention ones.
 
-    For a real image `text_embedding` is E(""), whatever conditioned the inversion (docs/algorithm.md §4), as in
-    pnp-diffusers and PnP Inversion's benchmark code.
+    For a real image `text_embedding` is E(""), whatever conditioned the inversion (docs/algorithm.md §4),
+    as in pnp-diffusers and PnP Inversion's benchmark code.
     """
     captures = []
     device_timesteps = torch.tensor(timesteps, device=text_embedding.device)
@@ -67,5 +64,6 @@ def extract_features(
         with injector.capturing() as captured:
             unet(chunk, steps, encoder_hidden_states=text_embedding.expand(len(chunk), -1, -1))
         captures.append(captured)
-    # Each step is one source: (steps, 1, ...).
-    return SourceFeatures({key: torch.cat([c[key] for c in captures]).unsqueeze(1) for key in captures[0]} if captures else {})
+    # Each step has one source: (steps, 1, ...).
+    stacked = {key: torch.cat([c[key] for c in captures]).unsqueeze(1) for key in captures[0]} if captures else {}
+    return SourceFeatures.keeping(stacked, resnet_steps, attention_steps)

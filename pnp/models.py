@@ -199,6 +199,8 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
         path / "text_encoder", variant=_variant(path / "text_encoder"), dtype=target_dtype
     )
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    # Scaled-dot-product attention through a processor that calls to_q and to_k, which the feature
+    # injection hooks (FeatureInjector.check_attention_processors refuses anything else).
     unet.set_attn_processor(AttnProcessor2_0())
     for module in (unet, vae, text_encoder):
         module.to(target_device).eval().requires_grad_(False)

@@ -4,6 +4,7 @@ and the negative-prompt schedule."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +59,9 @@ class NoiseSchedule:
 
     def in_training_range(self, num_steps: int) -> bool:
         """Whether every timestep of `set_timesteps(num_steps)` is one the model was trained on."""
-        return max(self.sampling_timesteps(num_steps)) < len(self.alphas_cumprod)
+        trained = len(self.alphas_cumprod)
+        # set_timesteps itself refuses more steps than training timesteps.
+        return num_steps <= trained and max(self.sampling_timesteps(num_steps)) < trained
 
     def check_training_range(self, input_name: str, num_steps: int, low: int) -> None:
         """Refuse a step count whose timesteps leave the training range, naming the largest valid count.
@@ -67,12 +70,14 @@ class NoiseSchedule:
         """
         if self.in_training_range(num_steps):
             return
+        trained = len(self.alphas_cumprod)
         largest = next((m for m in range(num_steps - 1, low - 1, -1) if self.in_training_range(m)), None)
-        raise InputError(
-            input_name,
-            f"{num_steps} steps need timestep {max(self.sampling_timesteps(num_steps))}, outside the model's "
-            f"{len(self.alphas_cumprod)} training timesteps; the largest valid value is {largest}",
+        reason = (
+            f"are more than the model's {trained} training timesteps"
+            if num_steps > trained
+            else f"need timestep {max(self.sampling_timesteps(num_steps))}, outside the model's {trained} training timesteps"
         )
+        raise InputError(input_name, f"{num_steps} steps {reason}; the largest valid value is {largest}")
 
     def check_nesting(self, num_inference_steps: int, ddim_inversion_steps: int, low: int, high: int) -> None:
         """Refuse inversion steps whose timesteps miss a sampling timestep, naming the nearest valid counts in [low, high]."""
@@ -93,14 +98,31 @@ class NoiseSchedule:
         )
 
 
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_next: float) -> torch.Tensor:
+    """The deterministic DDIM update from ᾱ = `alpha` to ᾱ = `alpha_next` (Song et al. 2021, arXiv 2010.02502,
+    Eq. 12 with η = 0; docs/algorithm.md §3, §5): x0 = (x − sqrt(1 − ᾱ) ε) / sqrt(ᾱ), then
+    x' = sqrt(ᾱ') x0 + sqrt(1 − ᾱ') ε. Towards less noise it samples; towards more noise it inverts.
+
+    diffusers' `DDIMScheduler.step` is not used: it derives the next timestep from its own spacing, so it
+    cannot run the inversion (nor land on z_src's timesteps), and it reads ᾱ from CPU tensors at every
+    step; here ᾱ are Python floats, so the loops queue GPU work without waiting on the host.
+    """
+    x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+    return alpha_next**0.5 * x0 + (1 - alpha_next) ** 0.5 * eps
+
+
+# s_i of step i of N, with last = N − 1 (docs/algorithm.md §6); the names are the input's choices.
+NEGATIVE_PROMPT_SCHEDULES: dict[str, Callable[[int, int], float]] = {
+    "linear": lambda i, last: 1 - i / last,
+    "constant": lambda i, last: 1.0,
+    "exp": lambda i, last: math.exp(-6 * i / last),
+}
+
+
 def negative_prompt_weights(schedule: str, alpha: float, num_steps: int) -> list[float]:
     """a_i = alpha * s_i (docs/algorithm.md §6): the weight of the unconditional branch against the negative one."""
+    if schedule not in NEGATIVE_PROMPT_SCHEDULES:
+        choices = ", ".join(NEGATIVE_PROMPT_SCHEDULES)
+        raise InputError("negative_prompt_schedule", f"must be one of {choices}; got {schedule!r}")
     last = max(num_steps - 1, 1)
-    shapes = {
-        "linear": lambda i: 1 - i / last,
-        "constant": lambda i: 1.0,
-        "exp": lambda i: math.exp(-6 * i / last),
-    }
-    if schedule not in shapes:
-        raise InputError("negative_prompt_schedule", f"must be one of {', '.join(shapes)}; got {schedule!r}")
-    return [alpha * shapes[schedule](i) for i in range(num_steps)]
+    return [alpha * NEGATIVE_PROMPT_SCHEDULES[schedule](i, last) for i in range(num_steps)]

@@ -1,37 +1,38 @@
-"""Guided DDIM sampling with feature injection (docs/algorithm.md §5): the translation, and the generated source.
+"""Guided DDIM sampling with feature injection (docs/algorithm.md §5): a denoiser and a short step loop.
 
-One loop serves both: the translation injects source features into every branch of every prompt,
-and the generation of a source image captures its own features instead. Each step evaluates, for
-all prompts at once, the branches that can change the result: unconditional (unless its weight is
-0), negative (only with a negative prompt and a weight below 1) and conditional, batched into as few
-UNet calls as `batch_size` allows.
+`Denoiser` turns the latents of a step into the guided noise of that step, with that step's source
+features injected. `sample` is the step loop around it: denoise, DDIM update, and with a mask the
+region blend. `translate` runs it for every target prompt at once; `generate_source` runs it to
+generate a source image and captures that image's features on the way.
 """
 
 from __future__ import annotations
 
-import logging
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from .injection import FeatureInjector, SourceFeatures
+from .progress import progress
 from .region import EditRegion
-from .schedules import NoiseSchedule
-
-logger = logging.getLogger(__name__)
+from .schedules import NoiseSchedule, ddim_step
 
 UNCONDITIONAL, NEGATIVE, CONDITIONAL = "unconditional", "negative", "conditional"
 
 
 @dataclass(frozen=True)
-class Prompts:
-    """Text embeddings of one request: E(""), E(p) for each target prompt, E(negative_prompt) or None."""
+class PromptEmbeddings:
+    """Text embeddings of a request: E("") (1, 77, d), E(p) per target prompt (P, 77, d), E(negative) or None."""
 
     unconditional: torch.Tensor
     targets: torch.Tensor
     negative: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return self.targets.shape[0]
 
 
 @dataclass(frozen=True)
@@ -47,87 +48,122 @@ class Injection:
         sources = next(iter(self.source.features.values())).shape[1]
         return 1 if sources == 2 and branch == CONDITIONAL else 0
 
-
-def _branches(negative_weight: float, has_negative: bool) -> list[str]:
-    branches = [] if has_negative and negative_weight == 0 else [UNCONDITIONAL]
-    if has_negative and negative_weight != 1:
-        branches.append(NEGATIVE)
-    return branches + [CONDITIONAL]
-
-
-def _step_features(
-    injection: Injection | None, step: int, branches: list[str], count: int
-) -> dict[str, torch.Tensor]:
-    """The injected features of one step, one row per (branch, prompt) in the batch's order."""
-    if injection is None:
-        return {}
-    features = injection.source.at_step(step, injection.feature_injection_steps, injection.attention_injection_steps)
-    return {
-        key: torch.cat(
-            [sources[injection.source_index(b)].unsqueeze(0).expand(count, *sources.shape[1:]) for b in branches]
-        )
-        for key, sources in features.items()
-    }
+    def features(self, step: int, branches: list[str], count: int) -> dict[str, torch.Tensor]:
+        """The features injected at `step`, one row per (branch, prompt) in the batch's order."""
+        injected = self.source.at_step(step, self.feature_injection_steps, self.attention_injection_steps)
+        return {
+            key: torch.cat(
+                [sources[self.source_index(b)].unsqueeze(0).expand(count, *sources.shape[1:]) for b in branches]
+            )
+            for key, sources in injected.items()
+        }
 
 
-@torch.no_grad()
-def sample(
-    unet: UNet2DConditionModel,
-    injector: FeatureInjector,
-    schedule: NoiseSchedule,
-    start: torch.Tensor,
-    timesteps: list[int],
-    prompts: Prompts,
-    scale: float,
-    negative_weights: list[float],
-    batch_size: int,
-    injection: Injection | None = None,
-    capture_steps: int = 0,
-    region: EditRegion | None = None,
-) -> tuple[torch.Tensor, SourceFeatures]:
-    """Denoise `start` (1, 4, h, w) once per target prompt; return the final latents (P, 4, h, w) and
-    the features captured at steps i < `capture_steps` (each step's rows in branch order). With a
-    `region`, the latents outside it follow the source's after every step (docs/algorithm.md §8)."""
-    count = prompts.targets.shape[0]
-    x = start.float().expand(count, *start.shape[1:])
-    embeddings = {
-        UNCONDITIONAL: prompts.unconditional.expand(count, -1, -1),
-        NEGATIVE: prompts.negative.expand(count, -1, -1) if prompts.negative is not None else None,
-        CONDITIONAL: prompts.targets,
-    }
-    captures = []
-    # Timesteps as device tensors up front: a Python int would be copied to the device at every call.
-    device_timesteps = torch.tensor(timesteps, device=start.device)
-    for i, timestep in enumerate(timesteps):
-        branches = _branches(negative_weights[i], prompts.negative is not None)
-        latents = x.repeat(len(branches), 1, 1, 1).to(unet.dtype)
-        context = torch.cat([embeddings[b] for b in branches])
-        features = _step_features(injection, i, branches, count)
+@dataclass
+class Denoiser:
+    """(latents (P, 4, h, w), step i) -> the guided ε of step i (docs/algorithm.md §5).
+
+    Evaluates, for all prompts at once, only the branches that can change the result: unconditional
+    (unless its weight a_i is 0), negative (only with a negative prompt and a_i below 1) and
+    conditional, in as few UNet calls as `batch_size` allows, with the injection of step i. A
+    v-prediction UNet's outputs are turned into ε first (docs/algorithm.md §9).
+    """
+
+    unet: UNet2DConditionModel
+    injector: FeatureInjector
+    schedule: NoiseSchedule
+    timesteps: list[int]
+    embeddings: PromptEmbeddings
+    scale: float
+    negative_weights: list[float]
+    batch_size: int
+    injection: Injection | None = None
+    _device_timesteps: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Timesteps as device tensors up front: a Python int would be copied to the device at every call.
+        self._device_timesteps = torch.tensor(self.timesteps, device=self.embeddings.targets.device)
+
+    def branches(self, step: int) -> list[str]:
+        has_negative, weight = self.embeddings.negative is not None, self.negative_weights[step]
+        branches = [] if has_negative and weight == 0 else [UNCONDITIONAL]
+        if has_negative and weight != 1:
+            branches.append(NEGATIVE)
+        return branches + [CONDITIONAL]
+
+    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        count, branches = self.embeddings.count, self.branches(step)
+        text = {
+            UNCONDITIONAL: self.embeddings.unconditional,
+            NEGATIVE: self.embeddings.negative,
+            CONDITIONAL: self.embeddings.targets,
+        }
+        context = torch.cat([text[b].expand(count, -1, -1) for b in branches])
+        latents = x.repeat(len(branches), 1, 1, 1).to(self.unet.dtype)
+        features = self.injection.features(step, branches, count) if self.injection is not None else {}
         outputs = []
-        with injector.capturing() if i < capture_steps else nullcontext({}) as captured:
-            for lo in range(0, len(latents), batch_size):
-                hi = lo + batch_size
-                with injector.injecting({key: value[lo:hi] for key, value in features.items()}):
-                    outputs.append(unet(latents[lo:hi], device_timesteps[i], encoder_hidden_states=context[lo:hi]).sample)
-        if i < capture_steps:
-            captures.append(captured)
-        alpha = schedule.alpha(timestep)
-        alpha_next = schedule.alpha(timesteps[i + 1] if i + 1 < len(timesteps) else None)
-        eps_by_branch = {b: schedule.epsilon(out, x, alpha) for b, out in zip(branches, torch.cat(outputs).split(count))}
-        eps = _guided_noise(eps_by_branch, negative_weights[i], scale)
-        x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
-        x = alpha_next**0.5 * x0 + (1 - alpha_next) ** 0.5 * eps
-        if region is not None:
-            x = region.blend_latents(x, i)
-        if (i + 1) % 10 == 0 or i + 1 == len(timesteps):
-            logger.info("sampling step %d/%d", i + 1, len(timesteps))
-    return x, SourceFeatures.stack(captures)
+        for lo in range(0, len(latents), self.batch_size):
+            hi = lo + self.batch_size
+            with self.injector.injecting({key: value[lo:hi] for key, value in features.items()}):
+                unet_output = self.unet(latents[lo:hi], self._device_timesteps[step], encoder_hidden_states=context[lo:hi])
+            outputs.append(unet_output.sample)
+        alpha = self.schedule.alpha(self.timesteps[step])
+        eps = {b: self.schedule.epsilon(out, x, alpha) for b, out in zip(branches, torch.cat(outputs).split(count))}
+        return guided_noise(eps, self.negative_weights[step], self.scale)
 
 
-def _guided_noise(eps: dict[str, torch.Tensor], negative_weight: float, scale: float) -> torch.Tensor:
-    """ε = ε_u~ + scale (ε_c − ε_u~), with ε_u~ = a ε_u + (1 − a) ε_n (docs/algorithm.md §5)."""
+def guided_noise(eps: dict[str, torch.Tensor], negative_weight: float, scale: float) -> torch.Tensor:
+    """ε = ε_u~ + scale (ε_c − ε_u~), with ε_u~ = a ε_u + (1 − a) ε_n (classifier-free guidance, Ho & Salimans
+    2022, arXiv 2207.12598, with the negative prompt blended into its unconditional branch)."""
     if UNCONDITIONAL in eps and NEGATIVE in eps:
         unconditional = negative_weight * eps[UNCONDITIONAL] + (1 - negative_weight) * eps[NEGATIVE]
     else:
         unconditional = eps.get(UNCONDITIONAL, eps.get(NEGATIVE))
     return unconditional + scale * (eps[CONDITIONAL] - unconditional)
+
+
+def sample(
+    denoise: Callable[[torch.Tensor, int], torch.Tensor],
+    x: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: list[int],
+    phase: str,
+    region: EditRegion | None = None,
+) -> torch.Tensor:
+    """DDIM from x at t_0 down to the clean latent; with a `region`, the latents outside it follow the
+    source's after every step (docs/algorithm.md §8)."""
+    alphas = [schedule.alpha(t) for t in timesteps] + [schedule.alpha(None)]
+    for step in progress(len(timesteps), phase):
+        x = ddim_step(x, denoise(x, step), alphas[step], alphas[step + 1])
+        if region is not None:
+            x = region.blend_latents(x, step)
+    return x
+
+
+@torch.no_grad()
+def translate(denoiser: Denoiser, start: torch.Tensor, region: EditRegion | None = None) -> torch.Tensor:
+    """x_T (1, 4, h, w) -> the final latents (P, 4, h, w), one per target prompt, with the source injected."""
+    x = start.float().expand(denoiser.embeddings.count, *start.shape[1:])
+    return sample(denoiser, x, denoiser.schedule, denoiser.timesteps, "translation", region)
+
+
+@torch.no_grad()
+def generate_source(
+    denoiser: Denoiser, noise: torch.Tensor, resnet_steps: int, attention_steps: int
+) -> tuple[torch.Tensor, SourceFeatures]:
+    """Sample a source image from `noise` and capture its features: at each step i < max(n_f, n_a) the
+    sites' outputs of both guidance halves, unconditional then conditional (docs/algorithm.md §4)."""
+    captures: list[dict[str, torch.Tensor]] = []
+    capture_steps = max(resnet_steps, attention_steps)
+
+    def denoise_and_capture(x: torch.Tensor, step: int) -> torch.Tensor:
+        if step >= capture_steps:
+            return denoiser(x, step)
+        with denoiser.injector.capturing() as captured:
+            eps = denoiser(x, step)
+        captures.append(captured)
+        return eps
+
+    latent = sample(denoise_and_capture, noise.float(), denoiser.schedule, denoiser.timesteps, "generation")
+    stacked = {key: torch.stack([c[key] for c in captures]) for key in captures[0]} if captures else {}
+    return latent, SourceFeatures.keeping(stacked, resnet_steps, attention_steps)

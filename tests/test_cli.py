@@ -8,9 +8,23 @@ from pathlib import Path
 
 from PIL import Image
 
-from pnp.cli import main
+from pnp.cli import build_parser, main
+from pnp.config import INPUTS, OUTPUT_FORMAT
 
 FAST = ["--image_size", "128", "--num_inference_steps", "10", "--ddim_inversion_steps", "10", "--device", "cpu"]
+
+
+def test_options_are_the_inputs_with_their_types_and_choices():
+    options = {action.dest: action for action in build_parser()._actions}
+    for name, spec in {**INPUTS, "output_format": OUTPUT_FORMAT}.items():
+        if name == "translation_prompts":  # the last positional argument
+            assert name not in options
+            continue
+        option = options[name]
+        assert option.type is spec.type and option.choices == spec.choices, name
+        assert option.help.startswith(spec.description), name
+        # An input left out takes the preset's value, else the config's default; output_format is no config field.
+        assert option.default == (spec.default if name == "output_format" else None), name
 
 
 def test_translates_an_image_with_a_preset_and_overrides(tiny_model_dir, tmp_path, capsys):

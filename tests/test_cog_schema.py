@@ -22,7 +22,7 @@ import pytest
 import yaml
 from packaging.version import Version
 
-from pnp.config import INPUTS, OUTPUT_FORMATS
+from pnp.config import INPUTS, OUTPUT_FORMAT
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "script" / "openapi-schema"
@@ -46,6 +46,9 @@ SCHEMA_ORDER = [
     "output_format",
     "mask",
 ]
+# Every input but the two files, with what it accepts.
+SPECS = {**INPUTS, "output_format": OUTPUT_FORMAT}
+JSON_TYPES = {str: "string", float: "number", int: "integer"}
 
 
 def _shared_cog_file(name: str) -> Path:
@@ -157,9 +160,13 @@ def properties(schema: dict[str, Any]) -> dict[str, Any]:
     return schema["components"]["schemas"]["Input"]["properties"]
 
 
-def _enum(schema: dict[str, Any], prop: dict[str, Any]) -> list[Any]:
+def _enum_component(schema: dict[str, Any], prop: dict[str, Any]) -> dict[str, Any]:
     (ref,) = prop["allOf"]
-    return schema["components"]["schemas"][ref["$ref"].rsplit("/", 1)[-1]]["enum"]
+    return schema["components"]["schemas"][ref["$ref"].rsplit("/", 1)[-1]]
+
+
+def _enum(schema: dict[str, Any], prop: dict[str, Any]) -> list[Any]:
+    return _enum_component(schema, prop)["enum"]
 
 
 def test_inputs_are_specs_in_specs_order(properties: dict[str, Any]) -> None:
@@ -173,11 +180,11 @@ def test_no_input_is_required(schema: dict[str, Any]) -> None:
     assert "required" not in schema["components"]["schemas"]["Input"]
 
 
-@pytest.mark.parametrize("name", list(INPUTS))
-def test_each_engine_input_has_the_engines_default_bounds_and_description(
+@pytest.mark.parametrize("name", list(SPECS))
+def test_each_input_has_its_specs_type_default_bounds_and_description(
     schema: dict[str, Any], properties: dict[str, Any], name: str
 ) -> None:
-    spec, prop = INPUTS[name], properties[name]
+    spec, prop = SPECS[name], properties[name]
     assert prop["description"] == spec.description
     if spec.default is None:
         assert prop.get("default") is None and prop.get("nullable") is True
@@ -185,9 +192,9 @@ def test_each_engine_input_has_the_engines_default_bounds_and_description(
         assert prop["default"] == spec.default
     if spec.choices is not None:
         assert _enum(schema, prop) == list(spec.choices)
+        assert _enum_component(schema, prop)["type"] == JSON_TYPES[spec.type]
     else:
-        expected_type = {str: "string", float: "number", int: "integer"}[type(spec.default)] if spec.default is not None else "integer"
-        assert prop["type"] == expected_type
+        assert prop["type"] == JSON_TYPES[spec.type]
     assert prop.get("minimum") == spec.minimum
     assert prop.get("maximum") == spec.maximum
 
@@ -198,13 +205,6 @@ def test_files_are_optional_uris_with_descriptions(properties: dict[str, Any], n
     assert image["type"] == "string" and image["format"] == "uri"
     assert image["nullable"] is True and image.get("default") is None
     assert image["description"]
-
-
-def test_output_format(schema: dict[str, Any], properties: dict[str, Any]) -> None:
-    output_format = properties["output_format"]
-    assert _enum(schema, output_format) == list(OUTPUT_FORMATS)
-    assert output_format["default"] == "png"
-    assert output_format["description"]
 
 
 def test_output_is_a_list_of_files(schema: dict[str, Any]) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler
 from PIL import Image
 
 from pnp import InputError, PnPConfig, PnPEngine
@@ -16,6 +16,7 @@ from pnp.image_io import decoded_to_pixels, image_to_tensor, pixels_to_images, p
 from pnp.injection import RESNET_KEY, attention_keys, locate_sites
 from pnp.inversion import invert
 from pnp.schedules import negative_prompt_weights
+from pnp.testing import make_random_model
 
 HORSE = "examples/horse.jpg"
 # Small enough for CPU tests: 128x128 pixels (16x16 latents), 10 steps.
@@ -90,25 +91,23 @@ class SiteRecorder:
             handle.remove()
 
 
-def test_inversion_follows_ddim_inversion_formula(engine):
+def test_inversion_equals_diffusers_ddim_inverse_scheduler(engine):
     latent = source_latent(engine)
-    scheduler = reference_scheduler(engine, 10)
-    taus = [int(t) for t in scheduler.timesteps.flip(0)]
+    inverse = DDIMInverseScheduler.from_config(engine.model.scheduler_config, clip_sample=False, set_alpha_to_one=False)
+    inverse.set_timesteps(10)
+    taus = [int(t) for t in inverse.timesteps]
+    assert taus == engine.schedule.inversion_timesteps(10)
     text = engine.model.encode_text(["a horse"])
     kept = invert(engine.model.unet, engine.schedule, latent, text, 10, set(taus))
     assert sorted(kept) == taus
-
-    alphas = scheduler.alphas_cumprod.double()
-    z = latent.double()
+    z = latent.float()
     with torch.no_grad():
-        for i, tau in enumerate(taus):
-            a = alphas[tau]
-            a_prev = alphas[taus[i - 1]] if i else scheduler.final_alpha_cumprod.double()
-            eps = engine.model.unet(z.float(), tau, encoder_hidden_states=text).sample.double()
-            z = a.sqrt() * (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt() + (1 - a).sqrt() * eps
-            torch.testing.assert_close(kept[tau].double(), z, atol=1e-4, rtol=1e-4)
-    # The final alpha is ᾱ[0] (set_alpha_to_one=False), not 1.
-    assert engine.schedule.final_alpha_cumprod == pytest.approx(float(scheduler.alphas_cumprod[0]))
+        for tau in taus:
+            eps = engine.model.unet(z, tau, encoder_hidden_states=text).sample
+            z = inverse.step(eps, tau, z).prev_sample
+            torch.testing.assert_close(kept[tau], z, atol=1e-5, rtol=1e-5)
+    # The first step starts from ᾱ[0] (set_alpha_to_one=False), not 1, in both.
+    assert engine.schedule.final_alpha_cumprod == pytest.approx(float(inverse.alphas_cumprod[0]))
 
 
 def test_zero_thresholds_equal_plain_guided_ddim_from_the_inverted_noise(engine):
@@ -147,10 +146,10 @@ def test_injection_replaces_source_features_for_exactly_the_first_steps(engine, 
         feature_injection_threshold=feature_threshold,
         attention_injection_threshold=attention_threshold,
         translation_prompts="a robot horse; a cat",
+        inversion_prompt=f"injection {feature_threshold} {attention_threshold}",
     )
     engine(request, HORSE)  # inverts and caches the source features
-    key = next(k for k in engine.cache._entries if k.num_inference_steps == 10 and k.inversion_prompt == "")
-    source = engine.cache.get(key).features
+    (source,) = [e.features for k, e in engine.cache.items() if k.inversion_prompt == request.inversion_prompt]
     with SiteRecorder(engine.model.unet) as recorder:
         result = engine(request, HORSE)
     assert result.stats.cache_hit
@@ -260,9 +259,9 @@ def test_sd2_layout_with_linear_projections_runs(tiny_sd2_model_dir):
 def test_source_features_use_the_empty_prompt_whatever_the_inversion_prompt(engine):
     request = config(inversion_prompt="a brown horse", translation_prompts="a cat")
     engine(request, HORSE)
-    entries = {key.inversion_prompt: entry for key, entry in engine.cache._entries.items() if key.num_inference_steps == 10}
+    entries = {key.inversion_prompt: entry for key, entry in engine.cache.items() if key.num_inference_steps == 10}
     engine(request.replace(inversion_prompt=""), HORSE)
-    entries = {key.inversion_prompt: entry for key, entry in engine.cache._entries.items() if key.num_inference_steps == 10}
+    entries = {key.inversion_prompt: entry for key, entry in engine.cache.items() if key.num_inference_steps == 10}
     conditioned, plain = entries["a brown horse"], entries[""]
     timesteps = engine.schedule.sampling_timesteps(10)
     # The inversion prompt conditions the inversion: its latents differ.
@@ -284,16 +283,25 @@ def test_source_features_use_the_empty_prompt_whatever_the_inversion_prompt(engi
 # --- step counts outside the training range -------------------------------------------------------------
 
 
-def test_inversion_steps_leaving_the_training_range_are_refused_before_any_work(engine):
-    evals = engine.unet_evals
-    # The config's bound (999) already refuses 1000; the engine's own check covers configs built directly.
-    unchecked = dataclasses.replace(config(num_inference_steps=50), ddim_inversion_steps=1000)
-    with pytest.raises(InputError) as error:
-        engine(unchecked, HORSE)
-    assert error.value.input_name == "ddim_inversion_steps"
-    assert "timestep 1000" in str(error.value) and "largest valid value is 999" in str(error.value)
-    assert engine.unet_evals == evals
-    assert engine.schedule.in_training_range(999) and not engine.schedule.in_training_range(1000)
+def test_step_counts_leaving_the_training_range_are_refused_before_any_work(engine, tmp_path):
+    # With SD's 1000 training timesteps the config's bound (999) already refuses 1000 inversion steps.
+    # A model trained on 150 timesteps shows the engine's own check, which reads the model's schedule.
+    path = make_random_model(tmp_path / "short")
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler_file.write_text(json.dumps({**json.loads(scheduler_file.read_text()), "num_train_timesteps": 150}))
+    short = PnPEngine.from_pretrained(str(path), device="cpu")
+    assert short.schedule.in_training_range(149) and not short.schedule.in_training_range(150)
+    for name, values in [
+        ("ddim_inversion_steps", {"ddim_inversion_steps": 999}),
+        ("num_inference_steps", {"num_inference_steps": 200, "ddim_inversion_steps": 200}),
+    ]:
+        with pytest.raises(InputError) as error:
+            short(config(**values), HORSE)
+        assert error.value.input_name == name
+        assert "150 training timesteps; the largest valid value is 149" in str(error.value)
+    assert short.unet_evals == 0
+    with pytest.raises(InputError, match="1000 steps need timestep 1000, outside the model's 1000 training timesteps; the largest valid value is 999"):
+        engine.schedule.check_training_range("ddim_inversion_steps", 1000, 10)
 
 
 # --- v-prediction models --------------------------------------------------------------------------------
@@ -383,7 +391,7 @@ def test_an_all_white_mask_gives_exactly_the_unmasked_result(engine):
 def test_outside_the_mask_latents_follow_the_source_and_pixels_equal_the_input(engine, monkeypatch):
     request = config(translation_prompts="a robot horse; a cat", inversion_prompt="kept")
     engine(request, HORSE)  # caches the inversion
-    (entry,) = [e for k, e in engine.cache._entries.items() if k.inversion_prompt == "kept"]
+    (entry,) = [e for k, e in engine.cache.items() if k.inversion_prompt == "kept"]
     timesteps = engine.schedule.sampling_timesteps(10)
     unet_inputs, decoded = [], []
     handle = engine.model.unet.register_forward_pre_hook(lambda module, args: unet_inputs.append(args[0].clone()))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pnp import image_io
-from pnp.config import OUTPUT_FORMATS
+from pnp.config import OUTPUT_FORMAT
 from pnp.errors import InputError, NonFiniteError
 from pnp.image_io import (
     decoded_to_pixels,
@@ -387,7 +387,7 @@ def test_mask_errors_name_mask(data):
 # --- save_images ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("output_format", OUTPUT_FORMATS)
+@pytest.mark.parametrize("output_format", OUTPUT_FORMAT.choices)
 def test_save_images_names_and_contents(tmp_path, output_format):
     images = [Image.new("RGB", (64, 128), RED), Image.new("RGB", (128, 64), BLUE)]
     out_dir = tmp_path / "new" / "dir"
@@ -405,5 +405,5 @@ def test_save_images_refuses_unknown_format(tmp_path):
     with pytest.raises(InputError) as caught:
         save_images([Image.new("RGB", (64, 64))], tmp_path, "gif")
     assert caught.value.input_name == "output_format"
-    assert all(name in str(caught.value) for name in OUTPUT_FORMATS)
+    assert all(name in str(caught.value) for name in OUTPUT_FORMAT.choices)
     assert not list(tmp_path.iterdir())

@@ -125,3 +125,31 @@ def test_a_bad_cache_bound_is_a_clear_error(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("PNP_CACHE_BYTES", "2GB")
     with pytest.raises(ModelError, match="PNP_CACHE_BYTES"):
         PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")
+
+
+def test_attention_that_would_bypass_the_injection_is_refused(tiny_model_dir):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from pnp import PnPConfig
+    from pnp.injection import locate_sites
+
+    engine = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")
+    request = PnPConfig.from_mapping({"image_size": 128, "num_inference_steps": 10, "ddim_inversion_steps": 10})
+    unet = engine.model.unet
+    unet.fuse_qkv_projections()
+    # With fused projections the self-attention never calls to_q: the injection would be silently off.
+    to_q = next(module for key, module in locate_sites(unet).items() if key.endswith("to_q"))
+    calls = []
+    handle = to_q.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, 16, 16), 1, encoder_hidden_states=torch.zeros(1, 77, unet.config.cross_attention_dim))
+    handle.remove()
+    assert calls == []
+    evals = engine.unet_evals
+    with pytest.raises(ModelError, match="runs FusedAttnProcessor2_0;"):
+        engine(request, "examples/horse.jpg")
+    unet.unfuse_qkv_projections()
+    unet.set_attn_processor(AttnProcessor())
+    with pytest.raises(ModelError, match="runs AttnProcessor;"):
+        engine(request, "examples/horse.jpg")
+    assert engine.unet_evals == evals  # refused before any work

@@ -26,7 +26,7 @@ from PIL import Image
 
 import pnp.engine as engine_module
 from pnp import image_io
-from pnp.config import INPUTS, MAX_PROMPTS, OUTPUT_FORMATS, PnPConfig
+from pnp.config import INPUTS, MAX_PROMPTS, OUTPUT_FORMAT, PnPConfig
 from pnp.engine import PnPEngine, PnPResult, RunStats
 from pnp.errors import InputError, NonFiniteError
 
@@ -315,13 +315,13 @@ def test_a_prompt_over_77_tokens_is_truncated_with_a_warning(service, pnp_logs):
 # --- numbers --------------------------------------------------------------------------------------------
 
 
+NUMBERS = {name: spec for name, spec in INPUTS.items() if spec.type in (int, float)}
+
+
 def _bad_numbers() -> list[tuple[str, object]]:
     cases = []
-    for name, spec in INPUTS.items():
-        if spec.minimum is None:
-            continue
-        integral = isinstance(spec.default, int) or name == "seed"
-        step = 1 if integral else 0.001
+    for name, spec in NUMBERS.items():
+        step = 1 if spec.type is int else 0.001
         below, above = spec.minimum - step, spec.maximum + step
         if spec.multiple_of:  # out of range while still a multiple, so only the range can refuse it
             below, above = spec.minimum - spec.multiple_of, spec.maximum + spec.multiple_of
@@ -346,7 +346,7 @@ def test_image_size_must_be_a_multiple_of_64(service, value):
 @pytest.mark.parametrize("name, value", [("negative_prompt_schedule", "cosine"), ("output_format", "gif")])
 def test_unknown_choices_are_refused_listing_the_choices(service, name, value):
     error = assert_refused(service, inputs(input_image=HORSE, **{name: value}), name)
-    choices = INPUTS[name].choices if name in INPUTS else OUTPUT_FORMATS
+    choices = {**INPUTS, "output_format": OUTPUT_FORMAT}[name].choices
     assert all(choice in str(error) for choice in choices)
 
 
@@ -360,7 +360,7 @@ def test_every_numeric_bound_itself_is_accepted(service, monkeypatch):
 
     monkeypatch.setattr(service.predictor, "engine", engine)
     for end in ("minimum", "maximum"):
-        values = {name: getattr(spec, end) for name, spec in INPUTS.items() if spec.minimum is not None}
+        values = {name: getattr(spec, end) for name, spec in NUMBERS.items()}
         paths = service.predictor.run(**inputs(input_image=HORSE, **values))
         assert len(paths) == 1
         assert {name: getattr(received[-1], name) for name in values} == values
@@ -412,7 +412,7 @@ def model_dtypes(engine: PnPEngine) -> set:
 
 
 def entries_for(engine: PnPEngine, inversion_prompt: str) -> list:
-    return [(key, entry) for key, entry in engine.cache._entries.items() if key.inversion_prompt == inversion_prompt]
+    return [(key, entry) for key, entry in engine.cache.items() if key.inversion_prompt == inversion_prompt]
 
 
 @pytest.mark.parametrize("mode", ["real", "generation"])
@@ -559,7 +559,7 @@ def test_a_fault_in_any_phase_leaves_the_service_ready(service, reference_output
 
     monkeypatch.setattr(engine_module, "invert", in_phase("inversion", engine_module.invert))
     monkeypatch.setattr(engine_module, "extract_features", in_phase("extraction", engine_module.extract_features))
-    monkeypatch.setattr(engine_module, "sample", in_phase("translation", engine_module.sample))
+    monkeypatch.setattr(engine_module, "translate", in_phase("translation", engine_module.translate))
     raised = []
 
     def fault(module, args):

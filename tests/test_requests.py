@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +12,8 @@ from PIL import Image
 
 from pnp import InputError, PnPConfig, PnPEngine, load_preset
 from pnp.cache import SourceCache, SourceEntry, SourceKey
-from pnp.config import MAX_PROMPTS
-from pnp.injection import SourceFeatures
+from pnp.config import INPUTS, MAX_PROMPTS
+from pnp.injection import RESNET_KEY, SourceFeatures
 
 HORSE = "examples/horse.jpg"
 FAST = {"image_size": 128, "num_inference_steps": 10, "ddim_inversion_steps": 10}
@@ -21,39 +24,76 @@ def engine(tiny_model_dir) -> PnPEngine:
     return PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")
 
 
-@pytest.mark.parametrize(
-    "values, input_name",
-    [
-        ({"translation_prompts": " ; ;"}, "translation_prompts"),
-        ({"translation_prompts": ";".join(["x"] * (MAX_PROMPTS + 1))}, "translation_prompts"),
-        ({"feature_injection_threshold": 1.5}, "feature_injection_threshold"),
-        ({"attention_injection_threshold": -0.1}, "attention_injection_threshold"),
-        ({"scale": 31}, "scale"),
-        ({"negative_prompt_alpha": float("nan")}, "negative_prompt_alpha"),
-        ({"num_inference_steps": 5}, "num_inference_steps"),
-        ({"num_inference_steps": 20.5}, "num_inference_steps"),
-        ({"ddim_inversion_steps": 1000}, "ddim_inversion_steps"),
-        ({"image_size": 500}, "image_size"),
-        ({"image_size": 2048}, "image_size"),
-        ({"seed": -1}, "seed"),
-        ({"seed": 2**32}, "seed"),
-        ({"negative_prompt_schedule": "cosine"}, "negative_prompt_schedule"),
-        ({"scale": "high"}, "scale"),
-        ({"generation_prompt": 3}, "generation_prompt"),
-        ({"strength": 0.5}, "strength"),
-    ],
-)
-def test_bad_values_are_refused_naming_the_input(values, input_name):
+BAD_VALUES = [
+    ({"translation_prompts": " ; ;"}, "translation_prompts"),
+    ({"translation_prompts": ";".join(["x"] * (MAX_PROMPTS + 1))}, "translation_prompts"),
+    ({"translation_prompts": 3}, "translation_prompts"),
+    ({"feature_injection_threshold": 1.5}, "feature_injection_threshold"),
+    ({"attention_injection_threshold": -0.1}, "attention_injection_threshold"),
+    ({"scale": 31}, "scale"),
+    ({"scale": None}, "scale"),
+    ({"negative_prompt_alpha": float("nan")}, "negative_prompt_alpha"),
+    ({"num_inference_steps": 5}, "num_inference_steps"),
+    ({"num_inference_steps": 20.5}, "num_inference_steps"),
+    ({"num_inference_steps": float("inf")}, "num_inference_steps"),
+    ({"ddim_inversion_steps": 1000}, "ddim_inversion_steps"),
+    ({"image_size": 500}, "image_size"),
+    ({"image_size": 2048}, "image_size"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**32}, "seed"),
+    ({"seed": True}, "seed"),
+    ({"negative_prompt_schedule": "cosine"}, "negative_prompt_schedule"),
+    ({"scale": "high"}, "scale"),
+    ({"generation_prompt": 3}, "generation_prompt"),
+]
+BUILDERS = {
+    "from_mapping": PnPConfig.from_mapping,
+    "constructor": lambda values: PnPConfig(**values),
+    "dataclasses.replace": lambda values: dataclasses.replace(PnPConfig(), **values),
+    "replace": lambda values: PnPConfig().replace(**values),
+}
+
+
+@pytest.mark.parametrize("build", BUILDERS.values(), ids=BUILDERS.keys())
+@pytest.mark.parametrize("values, input_name", BAD_VALUES)
+def test_bad_values_are_refused_naming_the_input_however_the_config_is_built(build, values, input_name):
     with pytest.raises(InputError) as error:
-        PnPConfig.from_mapping(values)
+        build(values)
     assert error.value.input_name == input_name
     assert str(error.value).startswith(f"{input_name}:")
+
+
+def test_unknown_inputs_are_refused_naming_them():
+    with pytest.raises(InputError) as error:
+        PnPConfig.from_mapping({"strength": 0.5})
+    assert error.value.input_name == "strength"
+    assert "known inputs are ddim_inversion_steps" in str(error.value)
+
+
+def test_the_fields_are_the_inputs_with_their_types_and_defaults():
+    assert [field.name for field in dataclasses.fields(PnPConfig)] == list(INPUTS)
+    hints, config = typing.get_type_hints(PnPConfig), PnPConfig()
+    for name, spec in INPUTS.items():
+        if name == "translation_prompts":  # ';'-separated text in a request, stored as the prompts
+            assert hints[name] == tuple[str, ...]
+            assert config.translation_prompts == (spec.default,)
+        else:
+            optional = spec.default is None  # the seed: None asks for a random one
+            assert hints[name] == (spec.type | None if optional else spec.type), name
+            assert optional or type(spec.default) is spec.type, name
+            assert getattr(config, name) == spec.default, name
+
+
+def test_values_are_stored_as_their_inputs_type():
+    config = PnPConfig.from_mapping({"num_inference_steps": 20.0, "scale": 7, "seed": 3.0})
+    assert (config.num_inference_steps, config.scale, config.seed) == (20, 7.0, 3)
+    assert (type(config.num_inference_steps), type(config.scale), type(config.seed)) == (int, float, int)
 
 
 def test_prompts_are_split_and_stripped():
     config = PnPConfig.from_mapping({"translation_prompts": " a cat ;; a dog ;"})
     assert config.translation_prompts == ("a cat", "a dog")
-    assert PnPConfig().translation_prompts == ("a photo of a robot horse",)
+    assert PnPConfig(translation_prompts=["a cat", " ", "a dog; a zebra"]).translation_prompts == ("a cat", "a dog", "a zebra")
 
 
 def test_injection_step_bounds_truncate():
@@ -139,20 +179,40 @@ def test_cache_hit_gives_identical_images_for_only_the_translation(engine):
     assert not other_prompt.stats.cache_hit
 
 
-def test_more_injection_steps_extract_only_the_missing_ones(engine):
-    short = PnPConfig.from_mapping({**FAST, "inversion_prompt": "steps", "feature_injection_threshold": 0.3, "attention_injection_threshold": 0.2})
-    assert engine(short, HORSE).stats.phases["extraction"].unet_evals == 3
-    longer = short.replace(feature_injection_threshold=0.6, attention_injection_threshold=0.4)
+def cached_features(engine: PnPEngine, inversion_prompt: str) -> SourceFeatures:
+    (entry,) = [e for k, e in engine.cache.items() if k.inversion_prompt == inversion_prompt]
+    return entry.features
+
+
+def test_an_entry_holds_only_the_injected_steps(engine):
+    stats = engine(PnPConfig.from_mapping({**FAST, "inversion_prompt": "defaults"}), HORSE).stats
+    assert stats.phases["extraction"].unet_evals == 8  # max(n_f, n_a) = max(8, 5)
+    features = cached_features(engine, "defaults")
+    assert (features.resnet_steps, features.attention_steps) == (8, 5)
+    assert {len(t) for k, t in features.features.items() if k != RESNET_KEY} == {5}
+    assert len(features.features[RESNET_KEY]) == 8
+    # Nothing else is held: each kept tensor owns exactly its own memory.
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in features.features.values())
+
+
+def test_longer_injection_extracts_again_for_the_longer_of_both_requests(engine):
+    short = PnPConfig.from_mapping({**FAST, "inversion_prompt": "steps", "feature_injection_threshold": 0.3, "attention_injection_threshold": 0.5})
+    assert engine(short, HORSE).stats.phases["extraction"].unet_evals == 5
+    within = engine(short.replace(feature_injection_threshold=0.2, attention_injection_threshold=0.4), HORSE).stats
+    assert within.cache_hit and within.unet_evals == within.phases["translation"].unet_evals
+    longer = short.replace(feature_injection_threshold=0.6, attention_injection_threshold=0.2)
     stats = engine(longer, HORSE).stats
-    assert stats.cache_hit and stats.phases["extraction"].unet_evals == 3 and stats.phases["inversion"].unet_evals == 0
-    reference = PnPEngine(engine.model)  # a fresh cache computes every step in one go
-    reference(longer, HORSE)
-    (extended,) = [e for k, e in engine.cache._entries.items() if k.inversion_prompt == "steps"]
-    (fresh,) = reference.cache._entries.values()
-    assert extended.features.features.keys() == fresh.features.features.keys()
-    for name, tensor in fresh.features.features.items():
+    assert stats.cache_hit and stats.phases["inversion"].unet_evals == 0
+    assert stats.phases["extraction"].unet_evals == 6  # one batched pass for n_f = 6, keeping n_a = 5
+    extended = cached_features(engine, "steps")
+    assert (extended.resnet_steps, extended.attention_steps) == (6, 5)
+    reference = PnPEngine(engine.model)  # a fresh cache computes them in one go
+    reference(longer.replace(attention_injection_threshold=0.5), HORSE)
+    (fresh,) = [e.features for _, e in reference.cache.items()]
+    assert extended.features.keys() == fresh.features.keys()
+    for name, tensor in fresh.features.items():
         # Equal up to float noise from batching the timesteps differently; a step out of place is far off.
-        torch.testing.assert_close(extended.features.features[name], tensor, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(extended.features[name], tensor, atol=1e-4, rtol=1e-4)
 
 
 def test_a_request_that_fails_midway_leaves_no_cache_entry(engine):
@@ -177,7 +237,7 @@ def test_a_request_that_fails_midway_leaves_no_cache_entry(engine):
 
 
 def entry_of(nbytes: int) -> SourceEntry:
-    return SourceEntry(torch.zeros(0), {0: torch.zeros(nbytes // 4)}, SourceFeatures({}))
+    return SourceEntry(torch.zeros(0), {0: torch.zeros(nbytes // 4)}, SourceFeatures({}, 0, 0))
 
 
 def key(name: str) -> SourceKey:

@@ -1,0 +1,52 @@
+"""Progress of the step loops: tqdm bars on a terminal, log lines where output is collected."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from pnp import PnPConfig, PnPEngine
+from pnp import progress as progress_module
+from pnp.progress import progress
+
+FAST = {"image_size": 128, "num_inference_steps": 10, "ddim_inversion_steps": 10}
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_without_a_terminal_every_tenth_step_and_the_last_are_logged(monkeypatch, caplog):
+    monkeypatch.setattr(progress_module.sys, "stderr", io.StringIO())
+    with caplog.at_level(logging.INFO, logger="pnp.progress"):
+        assert list(progress(25, "translation")) == list(range(25))
+    assert [r.getMessage() for r in caplog.records if r.name == "pnp.progress"] == [
+        "translation step 10/25",
+        "translation step 20/25",
+        "translation step 25/25",
+    ]
+
+
+def test_on_a_terminal_a_bar_shows_the_phase_steps_and_rate(monkeypatch, caplog):
+    terminal = Terminal()
+    monkeypatch.setattr(progress_module.sys, "stderr", terminal)
+    with caplog.at_level(logging.INFO, logger="pnp.progress"):
+        assert list(progress(12, "inversion")) == list(range(12))
+    shown = terminal.getvalue()
+    assert "inversion" in shown and "12/12" in shown and "step/s" in shown
+    assert not [r for r in caplog.records if r.name == "pnp.progress"]  # the bar replaces the log lines
+
+
+@pytest.mark.parametrize("generation", [False, True])
+def test_every_phase_of_a_request_reports_its_progress(tiny_model_dir, monkeypatch, caplog, generation):
+    monkeypatch.setattr(progress_module.sys, "stderr", io.StringIO())
+    engine = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")
+    values = {**FAST, "generation_prompt": "a horse", "seed": 1} if generation else FAST
+    with caplog.at_level(logging.INFO, logger="pnp.progress"):
+        engine(PnPConfig.from_mapping(values), "examples/horse.jpg")
+    phases = ["generation", "translation"] if generation else ["inversion", "translation"]
+    steps = [r.getMessage() for r in caplog.records if r.name == "pnp.progress"]
+    assert steps == [f"{phase} step 10/10" for phase in phases]
