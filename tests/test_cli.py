@@ -1,11 +1,13 @@
-"""The command line: `python -m pnp IMAGE PROMPTS --out DIR` and its generation form."""
+"""The command line (pnp.cli): `python -m pnp IMAGE PROMPTS --out DIR`, its generation form, its options
+(the inputs) and its exit codes."""
 
 from __future__ import annotations
 
-import subprocess
+import runpy
 import sys
-from pathlib import Path
 
+import pytest
+from helpers import HORSE
 from PIL import Image
 
 from pnp.cli import build_parser, main
@@ -29,7 +31,7 @@ def test_options_are_the_inputs_with_their_types_and_choices():
 
 def test_translates_an_image_with_a_preset_and_overrides(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["examples/horse.jpg", "a robot horse; a zebra", "--out", str(out), "--model", str(tiny_model_dir), "--config", "primitive", *FAST])
+    code = main([str(HORSE), "a robot horse; a zebra", "--out", str(out), "--model", str(tiny_model_dir), "--config", "primitive", *FAST])
     printed = capsys.readouterr().out.splitlines()
     assert code == 0
     assert printed[:2] == [str(out / "out-0.png"), str(out / "out-1.png")]
@@ -48,7 +50,7 @@ def test_generation_form_writes_the_source_first_and_prints_the_seed(tiny_model_
 
 
 def test_bad_input_is_an_error_naming_it(tiny_model_dir, tmp_path, capsys):
-    code = main(["examples/horse.jpg", "a cat", "--out", str(tmp_path), "--model", str(tiny_model_dir), "--scale", "99", *FAST])
+    code = main([str(HORSE), "a cat", "--out", str(tmp_path), "--model", str(tiny_model_dir), "--scale", "99", *FAST])
     assert code == 1
     assert "scale" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
@@ -59,6 +61,11 @@ def test_an_image_is_required_unless_generating(tiny_model_dir, tmp_path, capsys
     assert "IMAGE PROMPTS" in capsys.readouterr().err
 
 
-def test_runs_as_a_module():
-    help_text = subprocess.run([sys.executable, "-m", "pnp", "--help"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
+def test_runs_as_a_module(monkeypatch, capsys):
+    # What `python -m pnp --help` does, in this process (runpy runs pnp/__main__.py as __main__, as -m does).
+    monkeypatch.setattr(sys, "argv", ["pnp", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("pnp", run_name="__main__", alter_sys=True)
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
     assert "--feature_injection_threshold" in help_text and "--generation_prompt" in help_text

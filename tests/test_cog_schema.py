@@ -20,11 +20,11 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from helpers import ROOT
 from packaging.version import Version
 
 from pnp.config import INPUTS, OUTPUT_FORMAT
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "script" / "openapi-schema"
 
 # The published model's eight inputs in their order, then the new ones.
@@ -149,10 +149,9 @@ def test_image_runs_the_cog_sdk_the_tests_use(cog_config: dict[str, Any]) -> Non
 
 
 @pytest.fixture(scope="module")
-def schema(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    output = tmp_path_factory.mktemp("schema") / "openapi_schema.json"
-    subprocess.run([sys.executable, str(SCRIPT), "--output", str(output)], cwd=ROOT, check=True, timeout=120)
-    return json.loads(output.read_text())
+def schema(openapi_schema: dict[str, Any]) -> dict[str, Any]:
+    """What script/openapi-schema writes (conftest.py runs it once, for these tests and the HTTP server)."""
+    return openapi_schema
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +213,7 @@ def test_output_is_a_list_of_files(schema: dict[str, Any]) -> None:
 
 
 def test_schema_script_is_deterministic(schema: dict[str, Any]) -> None:
+    # Another process (another hash seed) printing to stdout writes the same document as the file.
     printed = subprocess.run(
         [sys.executable, str(SCRIPT), "--output", "-"], cwd=ROOT, check=True, capture_output=True, text=True, timeout=120
     ).stdout

@@ -1,4 +1,6 @@
-"""Tests of pnp.image_io: defensive decoding, working sizes, tensor conversion and saving."""
+"""Images in and out (pnp.image_io): defensive decoding of odd and hostile files, working sizes, masks'
+decoding, tensor conversion, rounding and saving; and that the engine refuses an unusable image before
+any UNet work."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import BLUE, FAST, GREEN, RED, WHITE, encode, halves, png_declaring
 from PIL import Image
 
-from pnp import image_io
+from pnp import PnPConfig, PnPEngine, image_io
 from pnp.config import OUTPUT_FORMAT
 from pnp.errors import InputError, NonFiniteError
 from pnp.image_io import (
@@ -23,15 +26,6 @@ from pnp.image_io import (
     save_images,
     working_size,
 )
-
-RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
 
 def red_left_blue_right(width: int = 40, height: int = 20) -> Image.Image:
     pixels = np.zeros((height, width, 3), np.uint8)
@@ -173,8 +167,8 @@ def test_animation_gives_its_first_frame(fmt):
 def assert_unreadable(source) -> InputError:
     with pytest.raises(InputError) as caught:
         load_image(source)
-    assert caught.value.input_name == "input_image"
-    assert "could not be read" in str(caught.value)
+    assert type(caught.value) is InputError and caught.value.input_name == "input_image"
+    assert str(caught.value).startswith("input_image: ") and "could not be read" in str(caught.value)
     return caught.value
 
 
@@ -183,7 +177,7 @@ def valid_png() -> bytes:
 
 
 def test_text_is_not_an_image():
-    assert "format" in str(assert_unreadable(b"this is not an image, just some text"))
+    assert "not a recognised image format" in str(assert_unreadable(b"this is a text file, not an image\n" * 10))
 
 
 def test_empty_file(tmp_path):
@@ -210,30 +204,42 @@ def test_zero_sized_pil_image():
     assert_unreadable(Image.new("RGB", (0, 0)))
 
 
-def test_declared_size_over_limit_is_refused(monkeypatch):
-    monkeypatch.setattr(image_io, "MAX_INPUT_PIXELS", 100)
+def assert_too_large(source) -> InputError:
     with pytest.raises(InputError) as caught:
-        load_image(encode(Image.new("RGB", (20, 20))))
-    assert caught.value.input_name == "input_image" and "100" in str(caught.value)
+        load_image(source)
+    assert type(caught.value) is InputError and caught.value.input_name == "input_image"
+    assert str(caught.value).startswith("input_image: ")
+    return caught.value
+
+
+def test_declared_size_over_the_limit_is_refused_naming_the_limit():
+    # 8000 x 8000 = 64M pixels: under Pillow's own limit, over the service's documented MAX_INPUT_PIXELS.
+    assert 8000 * 8000 > image_io.MAX_INPUT_PIXELS
+    assert f"more than the limit of {image_io.MAX_INPUT_PIXELS:,}" in str(assert_too_large(png_declaring(8000, 8000)))
+
+
+def test_a_decompression_bomb_is_refused_as_too_large():
+    # Declares 100000 x 100000 pixels in a file of ~100 bytes: Pillow's own bomb check refuses it.
+    assert "too large" in str(assert_too_large(png_declaring(100_000, 100_000)))
 
 
 def test_size_is_refused_before_decoding(monkeypatch):
-    # Header intact, pixel data missing: decoding would fail as truncated, so only the size can refuse it.
+    # Header intact (64 x 64), pixel data missing: decoding would fail as truncated, so only a check of
+    # the declared size, made before decoding, can give the size error rather than a "could not be read" one.
     data = valid_png()
     header_only = data[: data.index(b"IDAT") + 20]
     assert_unreadable(header_only)
-    monkeypatch.setattr(image_io, "MAX_INPUT_PIXELS", 100)
-    with pytest.raises(InputError) as caught:
-        load_image(header_only)
-    assert "limit" in str(caught.value) and "could not be read" not in str(caught.value)
+    monkeypatch.setattr(image_io, "MAX_INPUT_PIXELS", 1000)
+    error = str(assert_too_large(header_only))
+    assert "4,096 pixels" in error and "limit of 1,000" in error
+    assert "could not be read" not in error
 
 
 @pytest.mark.parametrize("pillow_limit", [100, 300])  # over twice Pillow's limit it raises, over once it warns
 def test_pillow_decompression_bomb_check_becomes_input_error(monkeypatch, pillow_limit):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
-    with pytest.raises(InputError) as caught:
-        load_image(encode(Image.new("RGB", (20, 20))))
-    assert caught.value.input_name == "input_image" and f"{image_io.MAX_INPUT_PIXELS:,}" in str(caught.value)
+    error = assert_too_large(encode(Image.new("RGB", (20, 20))))
+    assert f"{image_io.MAX_INPUT_PIXELS:,}" in str(error)
 
 
 # --- working_size and prepare_image -----------------------------------------------------------------------
@@ -286,6 +292,55 @@ def test_prepare_image_resizes(size, expected):
     prepared = prepare_image(image, 512)
     assert prepared.size == expected
     assert prepared.getpixel((expected[0] // 2, expected[1] // 2)) == (10, 200, 30)
+
+
+def _exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned 90 degrees clockwise: the stored 256x128 image shows as 128x256
+    return encode(halves(256, 128, RED, BLUE), "JPEG", quality=95, exif=exif)
+
+
+def _palette() -> bytes:
+    image = Image.new("P", (64, 64), 0)
+    image.putpalette([*RED, *BLUE])
+    image.paste(1, (32, 0, 64, 64))
+    return encode(image)
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("RGB", (64, 64), RED), Image.new("RGB", (64, 64), BLUE)]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+
+
+# File bytes, their working size at image_size 128, and {(x, y) of the working-size image: its colour}.
+ODD_FILES = {
+    # Rotated first: the red left half ends on top; unrotated the working size would be (128, 64).
+    "exif-rotated-jpeg": (_exif_rotated_jpeg, (64, 128), {(32, 20): RED, (32, 108): BLUE}),
+    # The left half fully transparent: white.
+    "rgba-transparent": (lambda: encode(halves(64, 64, (255, 0, 0, 0), (0, 0, 255, 255), "RGBA")), (128, 128), {(20, 64): WHITE, (108, 64): BLUE}),
+    "palette": (_palette, (128, 128), {(20, 64): RED, (108, 64): BLUE}),
+    "cmyk-jpeg": (lambda: encode(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG", quality=95), (128, 128), {(64, 64): RED}),
+    "grey-16-bit-png": (lambda: encode(Image.fromarray(np.full((64, 64), 32768, np.uint16))), (128, 128), {(64, 64): (128, 128, 128)}),
+    "grey-L": (lambda: encode(Image.fromarray(np.full((64, 64), 77, np.uint8))), (128, 128), {(64, 64): (77, 77, 77)}),
+    "animated-gif": (_animated_gif, (128, 128), {(64, 64): RED}),  # the first frame
+    "one-pixel": (lambda: encode(Image.new("RGB", (1, 1), GREEN)), (128, 128), {(0, 0): GREEN, (127, 127): GREEN}),
+    "2000x20": (lambda: encode(Image.new("RGB", (2000, 20), GREEN)), (128, 64), {(64, 32): GREEN}),  # never a side under 64
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_FILES))
+def test_odd_files_become_rgb_images_of_their_working_size(tmp_path, case):
+    """What the engine encodes for a file of each odd kind (docs/algorithm.md §2): decoded from a path,
+    as the predictor hands it over, then brought to its working size."""
+    make, size, colours = ODD_FILES[case]
+    path = tmp_path / f"{case}.img"
+    path.write_bytes(make())
+    image = prepare_image(load_image(path), 128)
+    assert image.mode == "RGB" and image.size == size
+    for xy, colour in colours.items():
+        # JPEG is lossy; the lossless formats come through exactly (up to resampling a flat colour).
+        tolerance = 40 if "jpeg" in case else 1
+        assert np.allclose(image.getpixel(xy), colour, atol=tolerance), (case, xy, image.getpixel(xy))
 
 
 # --- tensors ----------------------------------------------------------------------------------------------
@@ -407,3 +462,26 @@ def test_save_images_refuses_unknown_format(tmp_path):
     assert caught.value.input_name == "output_format"
     assert all(name in str(caught.value) for name in OUTPUT_FORMAT.choices)
     assert not list(tmp_path.iterdir())
+
+
+# --- the engine's input image --------------------------------------------------------------------------------
+
+
+def test_the_engine_refuses_an_unreadable_image_before_any_work(engine: PnPEngine, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    evals = engine.unet_evals
+    with pytest.raises(InputError) as error:
+        engine(PnPConfig.from_mapping(FAST), bad)
+    assert error.value.input_name == "input_image"
+    assert "could not be read" in str(error.value)
+    assert engine.unet_evals == evals
+
+
+def test_no_image_and_no_generation_prompt_is_refused_naming_input_image(engine: PnPEngine):
+    evals = engine.unet_evals
+    with pytest.raises(InputError) as error:
+        engine(PnPConfig.from_mapping(FAST), None)
+    assert error.value.input_name == "input_image"
+    assert "generation_prompt" in str(error.value)
+    assert engine.unet_evals == evals

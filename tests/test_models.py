@@ -1,16 +1,21 @@
-"""Model loading: local directories, fp16-only downloads, device and dtype rules, and what is refused."""
+"""Models (pnp.models): loading local directories and fp16-only downloads, device and dtype rules, the
+layouts that run, what is refused (other UNets, incomplete directories, attention that would bypass
+the injection), and the text encoder's 77-token limit."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor
+from helpers import HORSE, config
 from transformers import CLIPTextModel
 
-from pnp import ModelError, PnPEngine
-from pnp import models
+from pnp import ModelError, PnPEngine, models
+from pnp.injection import locate_sites
 from pnp.models import load_model, select_dtype
 from pnp.testing import make_random_model
 
@@ -128,13 +133,8 @@ def test_a_bad_cache_bound_is_a_clear_error(tiny_model_dir, monkeypatch):
 
 
 def test_attention_that_would_bypass_the_injection_is_refused(tiny_model_dir):
-    from diffusers.models.attention_processor import AttnProcessor
-
-    from pnp import PnPConfig
-    from pnp.injection import locate_sites
-
-    engine = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")
-    request = PnPConfig.from_mapping({"image_size": 128, "num_inference_steps": 10, "ddim_inversion_steps": 10})
+    engine = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")  # its own: the test changes its UNet
+    request = config()
     unet = engine.model.unet
     unet.fuse_qkv_projections()
     # With fused projections the self-attention never calls to_q: the injection would be silently off.
@@ -147,9 +147,26 @@ def test_attention_that_would_bypass_the_injection_is_refused(tiny_model_dir):
     assert calls == []
     evals = engine.unet_evals
     with pytest.raises(ModelError, match="runs FusedAttnProcessor2_0;"):
-        engine(request, "examples/horse.jpg")
+        engine(request, HORSE)
     unet.unfuse_qkv_projections()
     unet.set_attn_processor(AttnProcessor())
     with pytest.raises(ModelError, match="runs AttnProcessor;"):
-        engine(request, "examples/horse.jpg")
+        engine(request, HORSE)
     assert engine.unet_evals == evals  # refused before any work
+
+
+def test_sd2_layout_with_linear_projections_runs(tiny_sd2_model_dir):
+    sd2 = PnPEngine.from_pretrained(str(tiny_sd2_model_dir), device="cpu")
+    result = sd2(config(translation_prompts="a cat"), HORSE)
+    assert result.images[0].size == (128, 128)
+    assert result.stats.unet_evals == 10 + 8 + 20
+
+
+def test_a_prompt_over_77_tokens_is_truncated_with_a_warning(engine, pnp_logs):
+    long_prompt = "a photo of a horse " * 20  # ~380 byte-level tokens with the tiny tokenizer
+    tokenizer = engine.model.tokenizer
+    assert len(tokenizer(long_prompt).input_ids) > tokenizer.model_max_length == 77
+    embeddings = engine.model.encode_text(["a cat", long_prompt])
+    assert embeddings.shape[:2] == (2, 77) and torch.isfinite(embeddings).all()
+    warnings = [r for r in pnp_logs.records if r.name == "pnp.models" and r.levelno == logging.WARNING]
+    assert warnings and all("truncated to 77" in r.getMessage() and "a photo of a horse" in r.getMessage() for r in warnings)

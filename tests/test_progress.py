@@ -1,4 +1,5 @@
-"""Progress of the step loops: tqdm bars on a terminal, log lines where output is collected."""
+"""Progress of the step loops (pnp.progress): tqdm bars on a terminal, log lines where output is collected,
+for every phase of a request."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import logging
 
 import pytest
 
-from pnp import PnPConfig, PnPEngine
+from helpers import HORSE, config
+
+from pnp import PnPEngine
 from pnp import progress as progress_module
 from pnp.progress import progress
-
-FAST = {"image_size": 128, "num_inference_steps": 10, "ddim_inversion_steps": 10}
 
 
 class Terminal(io.StringIO):
@@ -41,12 +42,12 @@ def test_on_a_terminal_a_bar_shows_the_phase_steps_and_rate(monkeypatch, caplog)
 
 
 @pytest.mark.parametrize("generation", [False, True])
-def test_every_phase_of_a_request_reports_its_progress(tiny_model_dir, monkeypatch, caplog, generation):
+def test_every_phase_of_a_request_reports_its_progress(engine: PnPEngine, monkeypatch, caplog, generation):
     monkeypatch.setattr(progress_module.sys, "stderr", io.StringIO())
-    engine = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")
-    values = {**FAST, "generation_prompt": "a horse", "seed": 1} if generation else FAST
+    # A new image (an inversion prompt of its own), so that the inversion runs.
+    request = config(generation_prompt="a horse", seed=1) if generation else config(inversion_prompt="progress")
     with caplog.at_level(logging.INFO, logger="pnp.progress"):
-        engine(PnPConfig.from_mapping(values), "examples/horse.jpg")
+        engine(request, HORSE)
     phases = ["generation", "translation"] if generation else ["inversion", "translation"]
     steps = [r.getMessage() for r in caplog.records if r.name == "pnp.progress"]
     assert steps == [f"{phase} step 10/10" for phase in phases]

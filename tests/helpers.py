@@ -1,0 +1,211 @@
+"""Plain helpers shared by the tests: the example image, small requests, image bytes and pixels, and an
+independent reference implementation of guided DDIM sampling (diffusers' own scheduler).
+
+Fixtures (tiny models, engines, the in-process Cog predictor, log capture) are in conftest.py.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from pnp import PnPConfig, PnPEngine
+from pnp.config import INPUTS
+from pnp.image_io import decoded_to_pixels, image_to_tensor, pixels_to_images, prepare_image
+from pnp.injection import locate_sites
+
+ROOT = Path(__file__).resolve().parent.parent
+HORSE = ROOT / "examples" / "horse.jpg"
+# Small enough for CPU tests: 128x128 pixels (16x16 latents), 10 sampling and 10 inversion steps.
+FAST: dict[str, Any] = {"image_size": 128, "num_inference_steps": 10, "ddim_inversion_steps": 10}
+RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 200, 0), (255, 255, 255)
+
+
+# --- requests ----------------------------------------------------------------------------------------
+
+
+def config(**values: Any) -> PnPConfig:
+    """A config of FAST and `values`."""
+    return PnPConfig.from_mapping({**FAST, **values})
+
+
+def inputs(**overrides: Any) -> dict[str, Any]:
+    """Every argument of the predictor's run() (called in-process, Cog's Input() defaults are FieldInfo
+    objects): the inputs' defaults, png, no image or mask, FAST, then `overrides`."""
+    return {
+        "input_image": None,
+        **{name: spec.default for name, spec in INPUTS.items()},
+        "output_format": "png",
+        "mask": None,
+        **FAST,
+        **overrides,
+    }
+
+
+# --- images ------------------------------------------------------------------------------------------
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options: Any) -> bytes:
+    """The bytes of `image` saved as `fmt`."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def write(directory: Path, name: str, data: bytes) -> Path:
+    path = directory / name
+    path.write_bytes(data)
+    return path
+
+
+def pixels(image: Image.Image | Path | str) -> np.ndarray:
+    """An image's (or an image file's) RGB pixels as ints, so that differences do not wrap around."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB")).astype(int)
+    with Image.open(image) as opened:
+        return np.asarray(opened.convert("RGB")).astype(int)
+
+
+def sizes(paths: Iterable[Path]) -> list[tuple[int, int]]:
+    """The (width, height) of each image file."""
+    result = []
+    for path in paths:
+        with Image.open(path) as image:
+            result.append(image.size)
+    return result
+
+
+def halves(width: int, height: int, left: Any, right: Any, mode: str = "RGB") -> Image.Image:
+    """An image whose left half is `left` and right half `right`."""
+    image = Image.new(mode, (width, height), left)
+    image.paste(Image.new(mode, (width - width // 2, height), right), (width // 2, 0))
+    return image
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height, followed by a few bytes of pixel data only."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def horse_at(image_size: int = 128) -> np.ndarray:
+    """The example image's pixels at its working size."""
+    return pixels(prepare_image(Image.open(HORSE).convert("RGB"), image_size))
+
+
+# --- the engine's internals ------------------------------------------------------------------------------
+
+
+def entries_for(engine: PnPEngine, inversion_prompt: str) -> list:
+    """The (key, entry) pairs of the engine's cache made with this inversion prompt."""
+    return [(key, entry) for key, entry in engine.cache.items() if key.inversion_prompt == inversion_prompt]
+
+
+def model_dtypes(engine: PnPEngine) -> set[torch.dtype]:
+    model = engine.model
+    return {model.dtype, model.unet.dtype, model.vae.dtype, model.text_encoder.dtype}
+
+
+def nan_unet_hook(calls: dict, only_below_float32: bool) -> Callable:
+    """A UNet forward hook that counts calls per dtype in `calls` and turns the output into NaN
+    (in every dtype, or only below float32)."""
+
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        calls[module.dtype] = calls.get(module.dtype, 0) + 1
+        if only_below_float32 and module.dtype == torch.float32:
+            return output
+        return type(output)(sample=torch.full_like(output.sample, float("nan")))
+
+    return hook
+
+
+class SiteRecorder:
+    """Records, per UNet call, each injection site's output after the engine's hooks, and what the module
+    itself computes from the same input."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.calls: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        self.handles = [unet.register_forward_pre_hook(lambda *_: self.calls.append({}))]
+        for key, module in locate_sites(unet).items():
+            self.handles.append(module.register_forward_hook(self._hook(key)))
+
+    def _hook(self, key: str) -> Callable:
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.calls[-1][key] = (output.clone(), module.forward(*inputs).clone())
+
+        return hook
+
+    def __enter__(self) -> SiteRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+# --- an independent reference: diffusers' DDIM scheduler -------------------------------------------------
+
+
+def reference_scheduler(engine: PnPEngine, steps: int) -> DDIMScheduler:
+    scheduler = DDIMScheduler.from_config(engine.model.scheduler_config, clip_sample=False, set_alpha_to_one=False)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def reference_sampling(
+    engine: PnPEngine,
+    start: torch.Tensor,
+    prompt: str,
+    scale: float,
+    steps: int,
+    negative: str | None = None,
+    weights: list[float] | None = None,
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Plain guided DDIM (diffusers' own scheduler step, eta 0, which reads v-predictions itself) with the
+    negative blend of docs/algorithm.md §5 (weights a_i of §6); `after_step(i, x)` may replace the latents after each step."""
+    model = engine.model
+    scheduler = reference_scheduler(engine, steps)
+    texts = model.encode_text(["", prompt] + ([negative] if negative else []))
+    x = start.float()
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            out = [model.unet(x, t, encoder_hidden_states=texts[k : k + 1]).sample for k in range(len(texts))]
+            uncond = out[0] if negative is None else weights[i] * out[0] + (1 - weights[i]) * out[2]
+            guided = uncond + scale * (out[1] - uncond)
+            x = scheduler.step(guided, t, x).prev_sample
+            if after_step is not None:
+                x = after_step(i, x)
+    return x
+
+
+def decoded_image(engine: PnPEngine, latents: torch.Tensor) -> Image.Image:
+    """The first image of decoded `latents`, rounded as the engine rounds (docs/algorithm.md §7)."""
+    return pixels_to_images(decoded_to_pixels(engine.model.decode_latents(latents, 4)))[0]
+
+
+def source_latent(engine: PnPEngine, image_size: int = 128) -> torch.Tensor:
+    """z_0 of the example image at its working size."""
+    return engine.model.encode_image(image_to_tensor(prepare_image(Image.open(HORSE).convert("RGB"), image_size)))
+
+
+def inverted_noise(engine: PnPEngine, steps: int = 10) -> torch.Tensor:
+    """x_T of the example image: its DDIM inversion with E("") to the first sampling timestep."""
+    from pnp.inversion import invert
+
+    t_0 = engine.schedule.sampling_timesteps(steps)[0]
+    return invert(engine.model.unet, engine.schedule, source_latent(engine), engine.model.encode_text([""]), steps, {t_0})[t_0]
