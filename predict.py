@@ -15,6 +15,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import time
 from typing import Optional
 
 from cog import BaseRunner, Input, Path
@@ -41,9 +42,15 @@ def configure_logging() -> None:
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
-        """Load the model once: PNP_MODEL, else weights/ (downloaded there first where missing)."""
+        """Load the model once: PNP_MODEL, else weights/ (downloaded there first where missing); with
+        PNP_COMPILE=1, also compile the UNet for a default request."""
         configure_logging()
         self.engine = PnPEngine.from_pretrained()
+        if self.engine.unet.compiled:
+            # PNP_COMPILE=1: compile the default request's graphs now, not in the first prediction.
+            start = time.perf_counter()
+            self.engine.warm_up()
+            logger.info("compiled and warmed up the UNet in %.1f s", time.perf_counter() - start)
         self._last_output_dir: str | None = None
 
     def run(
@@ -156,6 +163,11 @@ class Predictor(BaseRunner):
         if result.seed is not None:
             print(f"seed: {result.seed}", flush=True)
         print(result.stats.summary(), flush=True)
+        # The prediction's metrics in the API response, beside Cog's own predict_time.
+        self.record_metric("unet_evals", result.stats.unet_evals)
+        self.record_metric("cache_hit", result.stats.cache_hit)
+        for name, phase in result.stats.phases.items():
+            self.record_metric(f"phases.{name}", {"seconds": round(phase.seconds, 4), "unet_evals": phase.unet_evals})
 
         # Cog has sent the previous prediction's files by the time the next one runs (one at a time),
         # so only the latest directory is kept: a long-running server does not fill its disk.

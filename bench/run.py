@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -125,8 +126,8 @@ def requests(image_path: Path, image_size: int, steps: int) -> list[Request]:
     ]
 
 
-def run_request(engine: PnPEngine, request: Request) -> dict[str, Any]:
-    """Run one request and return its table row."""
+def run_request(engine: PnPEngine, request: Request) -> tuple[dict[str, Any], list[Image.Image]]:
+    """Run one request and return its table row and its images."""
     device = engine.model.device
     config = PnPConfig.from_mapping(request.inputs)
     if device.type == "cuda":
@@ -135,8 +136,9 @@ def run_request(engine: PnPEngine, request: Request) -> dict[str, Any]:
     result = engine(config, image=request.image)
     wall = time.perf_counter() - start
     ours, published = result.stats.unet_evals, published_evals(len(config.translation_prompts))
-    return {
+    row = {
         "request": request.name,
+        "unet": "compiled" if engine.unet.compiled else "eager",
         "prompts": len(config.translation_prompts),
         "cache_hit": result.stats.cache_hit,
         **{f"{name}_s": result.stats.phases[name].seconds for name in PHASES},
@@ -147,19 +149,37 @@ def run_request(engine: PnPEngine, request: Request) -> dict[str, Any]:
         "published_evals": published,
         "published_over_ours": published / ours,
     }
+    return row, result.images
 
 
-def warm_up(engine: PnPEngine, image_path: Path, image_size: int, steps: int) -> None:
-    """One unreported request on a third image (the horse upside down, so no benchmarked request hits
-    its cache), then a cached repeat with 4 prompts, so kernels for every batch size are chosen."""
+def warm_up(engine: PnPEngine, image_path: Path, image_size: int, steps: int) -> float:
+    """Run every benchmarked request once, unreported, on a third image (the horse upside down, so no
+    benchmarked request hits its cache): CUDA chooses its kernels and a compiled UNet compiles its
+    graphs for every batch size. Returns the seconds it took; the cache is cleared after it."""
     flipped = ImageOps.flip(ImageOps.exif_transpose(Image.open(image_path)).convert("RGB"))
-    common = {"image_size": image_size, "num_inference_steps": steps}
-    engine(PnPConfig.from_mapping({**common, "translation_prompts": PROMPTS_1}), image=flipped)
-    engine(PnPConfig.from_mapping({**common, "translation_prompts": PROMPTS_4}), image=flipped)
+    start = time.perf_counter()
+    for request in requests(image_path, image_size, steps):
+        engine(PnPConfig.from_mapping(request.inputs), image=None if request.image is None else flipped)
+    engine.cache.clear()
+    return time.perf_counter() - start
+
+
+def run_all(engine: PnPEngine, image_path: Path, image_size: int, steps: int) -> tuple[list[dict], list[list[Image.Image]]]:
+    rows, images = [], []
+    for request in requests(image_path, image_size, steps):
+        row, request_images = run_request(engine, request)
+        rows.append(row)
+        images.append(request_images)
+    return rows, images
+
+
+def max_pixel_difference(images: list[Image.Image], reference: list[Image.Image]) -> int:
+    return max(int(np.abs(np.asarray(a, int) - np.asarray(b, int)).max()) for a, b in zip(images, reference, strict=True))
 
 
 COLUMNS = [
     ("request", "request", "{:<16}"),
+    ("unet", "UNet", "{:<8}"),
     ("prompts", "P", "{:>2}"),
     ("cache_hit", "cache", "{!s:>5}"),
     *[(f"{name}_s", name, "{:>11.2f}") for name in PHASES],
@@ -196,6 +216,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50, help="num_inference_steps (default 50)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the table as JSON")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the requests eagerly, then with the UNet under torch.compile, and print both (compile time apart)",
+    )
     return parser.parse_args(argv)
 
 
@@ -218,12 +243,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model_dir, model_label = Path(args.model), str(args.model)
         image_size = args.image_size or (TINY_IMAGE_SIZE if tiny else 512)
 
-        engine = PnPEngine.from_pretrained(str(model_dir), device=args.device, dtype=args.dtype)
+        engine = PnPEngine.from_pretrained(str(model_dir), device=args.device, dtype=args.dtype, compile=False)
         device = engine.model.device
         if device.type == "cuda":
             warm_up(engine, args.image, image_size, args.steps)
         engine.cache.clear()
-        rows = [run_request(engine, request) for request in requests(args.image, image_size, args.steps)]
+        rows, eager_images = run_all(engine, args.image, image_size, args.steps)
+        if args.compile:
+            engine.unet.compile()
+            # The warm-up compiles every graph the requests need: its time is the compile time.
+            compile_seconds = warm_up(engine, args.image, image_size, args.steps)
+            compiled_rows, compiled_images = run_all(engine, args.image, image_size, args.steps)
+            for row, images, reference in zip(compiled_rows, compiled_images, eager_images):
+                row["max_pixel_diff_vs_eager"] = max_pixel_difference(images, reference)
+            rows += compiled_rows
 
     header = {
         "model": model_label,
@@ -236,8 +269,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_inference_steps": args.steps,
         "peak memory": "CUDA max_memory_allocated per request" if device.type == "cuda"
         else "process peak RSS (a high-water mark of the whole process, never goes down)",
-        "warm-up": "one unreported request first" if device.type == "cuda" else "none (CPU)",
+        "warm-up": "each request once, unreported, first" if device.type == "cuda" else "none (CPU)",
     }
+    if args.compile and engine.unet.compiled:
+        difference = max(row["max_pixel_diff_vs_eager"] for row in compiled_rows)
+        header["compile"] = (
+            f"{compile_seconds:.1f} s to compile and run every request once (unreported); "
+            f"compiled images differ from eager ones by at most {difference} grey levels"
+        )
+    elif args.compile:
+        header["compile"] = "torch.compile failed, the UNet fell back to eager (see the warning above)"
     if device.type == "cpu":
         header["load average"] = " ".join(f"{load:.1f}" for load in os.getloadavg()) + " (1, 5, 15 min; after the run)"
     if tiny:

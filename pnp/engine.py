@@ -32,7 +32,6 @@ from .image_io import (
     pixels_to_images,
     prepare_image,
 )
-from .injection import FeatureInjector
 from .inversion import extract_features, invert
 from .models import StableDiffusion, load_model
 from .region import EditRegion
@@ -109,22 +108,37 @@ class PnPEngine:
     ):
         self.model = model
         self.schedule = NoiseSchedule.from_config(model.scheduler_config)
-        self.injector = FeatureInjector(model.unet)
+        self.unet = model.sites
         self.cache = SourceCache(default_cache_bytes(model.device) if cache_bytes is None else cache_bytes)
         self.batch_latent_pixels = batch_latent_pixels
-        self.unet_evals = 0
-        model.unet.register_forward_pre_hook(self._count_unet_evals, with_kwargs=True)
 
     @classmethod
     def from_pretrained(
-        cls, model: str | None = None, device: str | None = None, dtype: str | None = None, **kwargs
+        cls,
+        model: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        compile: bool | None = None,
+        **kwargs,
     ) -> PnPEngine:
-        """Load a model (see `pnp.models.load_model` for where it comes from) and build an engine on it."""
-        return cls(load_model(model, device, dtype), **kwargs)
+        """Load a model (see `pnp.models.load_model` for where it comes from, and `PNP_COMPILE`) and build
+        an engine on it."""
+        return cls(load_model(model, device, dtype, compile), **kwargs)
 
-    def _count_unet_evals(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        sample_batch = args[0] if args else kwargs["sample"]
-        self.unet_evals += sample_batch.shape[0]
+    def warm_up(self) -> None:
+        """Run a default request on a grey image, so that a compiled UNet has its graphs (and CUDA its
+        kernels) before the first real request; the cache is left as it was."""
+        size = INPUTS["image_size"].default
+        entries = self.cache.items()
+        self(PnPConfig(), Image.new("RGB", (size, size), (128, 128, 128)))
+        self.cache.clear()
+        for key, entry in entries:
+            self.cache.put(key, entry)
+
+    @property
+    def unet_evals(self) -> int:
+        """Latents the engine has sent through the UNet so far."""
+        return self.unet.evals
 
     @contextmanager
     def _phase(self, stats: RunStats, name: str) -> Iterator[None]:
@@ -158,7 +172,7 @@ class PnPEngine:
         float16 or bfloat16 get the request one more run in float32 before it fails.
         """
         stats = RunStats()
-        self.injector.check_attention_processors()
+        self.unet.check_processors()
         steps_spec = INPUTS["num_inference_steps"]
         self.schedule.check_training_range("num_inference_steps", config.num_inference_steps, steps_spec.minimum)
         prepared = pixel_mask = None
@@ -186,7 +200,7 @@ class PnPEngine:
             if self.model.dtype == torch.float32:
                 raise
             logger.warning("%s in %s; running the request again in float32", error, self.model.dtype)
-            with self.model.in_float32():
+            with self.model.in_float32(), self.unet.eager():
                 return self._run(config, prepared, pixel_mask, seed, stats)
 
     def _run(
@@ -207,7 +221,7 @@ class PnPEngine:
         batch_size = self._batch_size(*(prepared.size if prepared is not None else (config.image_size,) * 2))
 
         def denoiser(prompts: PromptEmbeddings, scale: float, weights: list[float], injection: Injection | None) -> Denoiser:
-            return Denoiser(self.model.unet, self.injector, self.schedule, timesteps, prompts, scale, weights, batch_size, injection)
+            return Denoiser(self.unet, self.schedule, timesteps, prompts, scale, weights, batch_size, injection)
 
         region = source_latent = None
         if prepared is None:
@@ -285,7 +299,7 @@ class PnPEngine:
                 image_latent = self.model.encode_image(image_to_tensor(prepared)).float()
             with self._phase(stats, "inversion"):
                 latents = invert(
-                    self.model.unet, self.schedule, image_latent, inversion_text, config.ddim_inversion_steps, set(timesteps)
+                    self.unet, self.schedule, image_latent, inversion_text, config.ddim_inversion_steps, set(timesteps)
                 )
         else:
             # Features for fewer steps than this request injects are extracted again, in one batched pass,
@@ -296,8 +310,7 @@ class PnPEngine:
         steps = max(resnet_steps, attention_steps)
         with self._phase(stats, "extraction"):
             features = extract_features(
-                self.model.unet,
-                self.injector,
+                self.unet,
                 [latents[t] for t in timesteps[:steps]],
                 timesteps[:steps],
                 unconditional,

@@ -1,22 +1,34 @@
-"""Feature capture and injection: the Plug-and-Play sites of the UNet and the hooks that read or replace them.
+"""Feature capture and injection: the Plug-and-Play sites of the UNet, run by the engine's own code.
 
-The sites (docs/algorithm.md §4) are the residual branch of `up_blocks[1].resnets[1]` (the output of its `conv2`,
-before the shortcut is added) and the query and key projections of eight decoder self-attention
-layers. Forward hooks on `conv2`, `to_q` and `to_k` read or replace those outputs, so diffusers' own
-ResNet and attention code (scaled-dot-product attention) runs unchanged around them.
+The sites (docs/algorithm.md §4) are the residual branch of `up_blocks[1].resnets[1]` (the output of
+its `conv2`, before the shortcut is added) and the query and key projections of eight decoder
+self-attention layers. `SiteUNet` installs, once, a forward for the ResNet block and an attention
+processor for the eight `attn1` modules. At an injected step they take the source's residual, queries
+and keys instead of computing them (the residual branch and `to_q`, `to_k` are skipped); while
+capturing they record what they computed. No forward hook is involved, so nothing is computed only to
+be thrown away, and torch.compile sees plain module code.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
-from torch import nn
+import torch._dynamo
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 
 from .errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+# Graphs torch.compile may keep for the UNet: batch sizes times injection patterns across requests.
+COMPILED_GRAPHS_LIMIT = 64
 
 RESNET_SITE = "up_blocks.1.resnets.1"
 ATTENTION_SITES = (
@@ -37,18 +49,38 @@ def attention_keys() -> list[str]:
     return [f"{site}.attn1.{proj}" for site in ATTENTION_SITES for proj in ("to_q", "to_k")]
 
 
-def locate_sites(unet: nn.Module) -> dict[str, nn.Module]:
-    """The modules whose outputs are captured and injected, by key; a UNet without them is refused."""
-    modules = dict(unet.named_modules())
-    wanted = {RESNET_KEY: f"{RESNET_SITE}.conv2"}
-    wanted.update({key: key.replace(".attn1.", ".transformer_blocks.0.attn1.") for key in attention_keys()})
-    missing = [path for path in wanted.values() if path not in modules]
-    if missing:
+def _site_module(unet: torch.nn.Module, path: str) -> torch.nn.Module:
+    try:
+        return unet.get_submodule(path)
+    except AttributeError:
         raise ModelError(
-            "the UNet lacks the Plug-and-Play injection sites of Stable Diffusion's layout "
-            f"(missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); use an SD 1.x or 2.x checkpoint"
+            f"the UNet lacks the Plug-and-Play injection sites of Stable Diffusion's layout (missing {path}); "
+            "use an SD 1.x or 2.x checkpoint"
+        ) from None
+
+
+def locate_sites(unet: torch.nn.Module) -> tuple[ResnetBlock2D, dict[str, Attention]]:
+    """The ResNet block and the self-attention modules (by site) of the injection; others are refused."""
+    resnet = _site_module(unet, RESNET_SITE)
+    attentions = {site: _site_module(unet, f"{site}.transformer_blocks.0.attn1") for site in ATTENTION_SITES}
+    if not isinstance(resnet, ResnetBlock2D) or resnet.upsample is not None or resnet.downsample is not None:
+        raise ModelError(f"{RESNET_SITE} is not a plain ResNet block of Stable Diffusion's layout")
+    if resnet.time_embedding_norm != "default":
+        raise ModelError(f"{RESNET_SITE} uses time_embedding_norm={resnet.time_embedding_norm!r}, not SD's 'default'")
+    for site, attention in attentions.items():
+        plain = (
+            isinstance(attention, Attention)
+            and not attention.is_cross_attention
+            and attention.spatial_norm is None
+            and attention.group_norm is None
+            and attention.norm_q is None
+            and attention.norm_k is None
+            and not attention.residual_connection
+            and attention.rescale_output_factor == 1.0
         )
-    return {key: modules[path] for key, path in wanted.items()}
+        if not plain:
+            raise ModelError(f"the self-attention at {site} is not the plain self-attention of Stable Diffusion's layout")
+    return resnet, attentions
 
 
 @dataclass(frozen=True)
@@ -94,62 +126,162 @@ class SourceFeatures:
         return selected
 
 
-class FeatureInjector:
-    """Forward hooks at the injection sites that capture their outputs or replace them with the source's."""
+class _SiteState:
+    """What the sites do during the current UNet call: inject these features, capture into these lists."""
 
-    def __init__(self, unet: nn.Module):
-        self._sites = locate_sites(unet)
-        self._attentions = {site: unet.get_submodule(f"{site}.transformer_blocks.0.attn1") for site in ATTENTION_SITES}
-        self._captured: dict[str, list[torch.Tensor]] | None = None
-        self._injected: Mapping[str, torch.Tensor] = {}
-        for key, module in self._sites.items():
-            module.register_forward_hook(self._hook(key))
-        self.check_attention_processors()
+    def __init__(self) -> None:
+        self.injected: Mapping[str, torch.Tensor] = {}
+        self.captured: dict[str, list[torch.Tensor]] | None = None
 
-    def check_attention_processors(self) -> None:
-        """Refuse attention that would bypass the hooks on `to_q` and `to_k`.
+    def capture(self, key: str, value: torch.Tensor) -> None:
+        if self.captured is not None:
+            self.captured[key].append(value)
 
-        The injection rests on one rule: the self-attention at each site computes its queries and keys
-        by calling its own `to_q` and `to_k` modules. diffusers' `AttnProcessor2_0` (the one
-        `pnp.models.load_model` sets; scaled-dot-product attention) does. Fused QKV projections
-        (`fuse_qkv_projections`, one `to_qkv` matmul) or another processor (xformers, a custom one)
-        may not, and would silently switch the injection off, so they are refused.
-        """
+
+class _ResidualSite:
+    """The forward of the ResNet site: (shortcut(x) + h) / output_scale_factor, where h is the residual
+    branch's output, or at an injected step the source's (the branch is then not computed)."""
+
+    def __init__(self, block: ResnetBlock2D, state: _SiteState):
+        self.block, self.state = block, state
+
+    def __call__(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        block = self.block
+        residual = self.state.injected.get(RESNET_KEY)
+        if residual is None:
+            # ResnetBlock2D's residual branch for SD's configuration (no resampling, "default" time norm).
+            hidden = block.conv1(block.nonlinearity(block.norm1(input_tensor)))
+            if block.time_emb_proj is not None:
+                time = temb if block.skip_time_act else block.nonlinearity(temb)
+                hidden = hidden + block.time_emb_proj(time)[:, :, None, None]
+            residual = block.conv2(block.dropout(block.nonlinearity(block.norm2(hidden))))
+            self.state.capture(RESNET_KEY, residual)
+        else:
+            residual = residual.to(input_tensor.dtype)
+        shortcut = input_tensor if block.conv_shortcut is None else block.conv_shortcut(input_tensor)
+        return (shortcut + residual) / block.output_scale_factor
+
+
+class _SelfAttentionSite:
+    """The attention processor of a site: scaled-dot-product self-attention as diffusers'
+    AttnProcessor2_0 computes it, with the source's query and key at an injected step."""
+
+    def __init__(self, site: str, state: _SiteState):
+        self.query_key, self.key_key = f"{site}.attn1.to_q", f"{site}.attn1.to_k"
+        self.state = state
+
+    def _projection(self, key: str, project: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        source = self.state.injected.get(key)
+        if source is None:
+            projected = project(hidden_states)
+            self.state.capture(key, projected)
+            return projected
+        # One source for every row broadcasts (an expanded view, no copy).
+        return source.to(hidden_states.dtype).expand(hidden_states.shape[0], -1, -1)
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        batch = hidden_states.shape[0]
+        query = self._projection(self.query_key, attn.to_q, hidden_states)
+        key = self._projection(self.key_key, attn.to_k, hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = value.shape[-1] // attn.heads
+
+        def heads(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(heads(query), heads(key), heads(value), dropout_p=0.0, is_causal=False)
+        attended = attended.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](attended))
+
+
+class SiteUNet:
+    """The UNet with its Plug-and-Play sites: runs it, counting the latents it evaluates, with source
+    features injected or the sites' own features captured (`capturing`), compiled where asked (`compile`)."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        self.unet = unet
+        self.evals = 0
+        self._state = _SiteState()
+        self._compiled: torch.nn.Module | None = None
+        self._eager = False
+        resnet, attentions = locate_sites(unet)
+        # An instance attribute: nn.Module.__call__ runs it instead of ResnetBlock2D.forward.
+        resnet.forward = _ResidualSite(resnet, self._state)
+        for site, attention in attentions.items():
+            attention.set_processor(_SelfAttentionSite(site, self._state))
+        self._attentions = attentions
+
+    def check_processors(self) -> None:
+        """Refuse a UNet whose site processors were replaced (for example by `set_attn_processor` or
+        `fuse_qkv_projections`): the injection would then be silently off."""
         for site, attention in self._attentions.items():
-            # Exactly this type: fused QKV projections run through FusedAttnProcessor2_0, a sibling class.
-            if type(attention.processor) is not AttnProcessor2_0:
+            if not (isinstance(attention.processor, _SelfAttentionSite) and attention.processor.state is self._state):
                 raise ModelError(
-                    f"the self-attention at {site} runs {type(attention.processor).__name__}; Plug-and-Play "
-                    "injection needs AttnProcessor2_0, which calls to_q and to_k (fused QKV projections or "
-                    "other processors would bypass the injection)"
+                    f"the self-attention at {site} runs {type(attention.processor).__name__}, not the engine's "
+                    "injection processor; load the model again instead of changing its attention processors"
                 )
 
-    def _hook(self, key: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            if self._captured is not None:
-                self._captured[key].append(output.detach())
-            replacement = self._injected.get(key)
-            return output if replacement is None else replacement.to(output.dtype)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
 
-        return hook
+    @property
+    def idle(self) -> bool:
+        """Whether the sites are neither injecting nor capturing (between UNet calls, always)."""
+        return not self._state.injected and self._state.captured is None
+
+    def __call__(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        injected: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The UNet's output for `latents` (B, 4, h, w) with the `injected` features of this call, each one
+        row per latent or one row for all."""
+        self.evals += latents.shape[0]
+        self._state.injected = injected or {}
+        try:
+            if self._compiled is not None and not self._eager:
+                try:
+                    return self._compiled(latents, timesteps, encoder_hidden_states=text).sample
+                except torch._dynamo.exc.TorchDynamoException as error:
+                    logger.warning("torch.compile failed (%s); the UNet runs eagerly from now on", error)
+                    self._compiled = None
+            return self.unet(latents, timesteps, encoder_hidden_states=text).sample
+        finally:
+            self._state.injected = {}
+
+    def compile(self, backend: str = "inductor") -> None:
+        """Run the UNet under torch.compile: whole graphs (the sites are plain module code, so there is
+        no graph break) for static shapes, one graph per batch size and injection pattern, compiled on
+        first use. A compilation that fails leaves the UNet eager, with a warning."""
+        # A default request needs about six graphs (inversion, extraction chunks, the three injection
+        # patterns of the translation); more prompts or a negative prompt add a few batch sizes.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
+        self._compiled = torch.compile(self.unet, backend=backend, fullgraph=True, dynamic=False)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    @contextmanager
+    def eager(self) -> Iterator[None]:
+        """Run the UNet eagerly inside the block (the float32 retry: compiled graphs are for the model's dtype)."""
+        self._eager = True
+        try:
+            yield
+        finally:
+            self._eager = False
 
     @contextmanager
     def capturing(self) -> Iterator[dict[str, torch.Tensor]]:
         """Record the site outputs of the UNet calls made inside; the dict is filled on exit,
         each key's outputs concatenated along the batch in call order."""
         result: dict[str, torch.Tensor] = {}
-        self._captured = {key: [] for key in self._sites}
+        self._state.captured = {key: [] for key in [RESNET_KEY, *attention_keys()]}
         try:
             yield result
-            result.update({key: torch.cat(parts) for key, parts in self._captured.items() if parts})
+            result.update({key: torch.cat(parts) for key, parts in self._state.captured.items() if parts})
         finally:
-            self._captured = None
-
-    @contextmanager
-    def injecting(self, features: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        """Replace the outputs of the keyed sites with `features` (already laid out as the batch)."""
-        self._injected = features
-        try:
-            yield
-        finally:
-            self._injected = {}
+            self._state.captured = None

@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel
 
-from .injection import FeatureInjector, SourceFeatures
+from .injection import SiteUNet, SourceFeatures
 from .progress import progress
-from .schedules import NoiseSchedule, ddim_step
+from .schedules import NoiseSchedule, ddim_step, device_timesteps
 
 
 @torch.no_grad()
 def invert(
-    unet: UNet2DConditionModel,
+    unet: SiteUNet,
     schedule: NoiseSchedule,
     latent: torch.Tensor,
     text_embedding: torch.Tensor,
@@ -29,10 +28,9 @@ def invert(
     alphas = [schedule.alpha(None)] + [schedule.alpha(t) for t in timesteps]
     z = latent.float()
     kept: dict[int, torch.Tensor] = {}
-    # Timesteps as device tensors up front: a Python int would be copied to the device at every call.
-    device_timesteps = torch.tensor(timesteps, device=latent.device)
+    on_device = device_timesteps(timesteps, latent.device)
     for i in progress(num_steps, "inversion"):
-        output = unet(z.to(unet.dtype), device_timesteps[i], encoder_hidden_states=text_embedding).sample
+        output = unet(z.to(unet.dtype), on_device[i], text_embedding)
         z = ddim_step(z, schedule.epsilon(output, z, alphas[i + 1]), alphas[i], alphas[i + 1])
         if timesteps[i] in keep:
             kept[timesteps[i]] = z
@@ -41,8 +39,7 @@ def invert(
 
 @torch.no_grad()
 def extract_features(
-    unet: UNet2DConditionModel,
-    injector: FeatureInjector,
+    unet: SiteUNet,
     latents: list[torch.Tensor],
     timesteps: list[int],
     text_embedding: torch.Tensor,
@@ -57,12 +54,11 @@ def extract_features(
     as in pnp-diffusers and PnP Inversion's benchmark code.
     """
     captures = []
-    device_timesteps = torch.tensor(timesteps, device=text_embedding.device)
-    for start in range(0, len(latents), batch_size):
+    chunked_timesteps = device_timesteps(timesteps, text_embedding.device, batch_size)
+    for start, steps in zip(range(0, len(latents), batch_size), chunked_timesteps):
         chunk = torch.cat(latents[start : start + batch_size]).to(unet.dtype)
-        steps = device_timesteps[start : start + batch_size]
-        with injector.capturing() as captured:
-            unet(chunk, steps, encoder_hidden_states=text_embedding.expand(len(chunk), -1, -1))
+        with unet.capturing() as captured:
+            unet(chunk, steps, text_embedding.expand(len(chunk), -1, -1))
         captures.append(captured)
     # Each step has one source: (steps, 1, ...).
     stacked = {key: torch.cat([c[key] for c in captures]).unsqueeze(1) for key in captures[0]} if captures else {}

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelError
-from .injection import locate_sites
+from .injection import SiteUNet, locate_sites
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 @dataclass
 class StableDiffusion:
-    """The loaded components the engine drives, on one device in one dtype."""
+    """The loaded components the engine drives, on one device in one dtype, and the UNet's Plug-and-Play
+    sites (installed once per UNet: every engine on this model shares them)."""
 
     name: str
     unet: UNet2DConditionModel
@@ -46,6 +47,10 @@ class StableDiffusion:
     scheduler_config: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
+    sites: SiteUNet = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.sites = SiteUNet(self.unet)
 
     @contextmanager
     def in_float32(self) -> Iterator[None]:
@@ -103,6 +108,16 @@ def select_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     if name not in DTYPES:
         raise ModelError(f"PNP_DTYPE: {name!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def select_compile(compile: bool | None = None) -> bool:
+    """`compile`, else `PNP_COMPILE` ("1" runs the UNet under torch.compile, "0" or unset eagerly)."""
+    if compile is not None:
+        return compile
+    value = os.environ.get("PNP_COMPILE", "0")
+    if value not in ("0", "1"):
+        raise ModelError(f"PNP_COMPILE: {value!r} is not 0 or 1")
+    return value == "1"
 
 
 def _weights_missing(path: Path) -> list[str]:
@@ -181,10 +196,13 @@ def check_model(unet: UNet2DConditionModel, scheduler_config: dict[str, Any]) ->
     locate_sites(unet)
 
 
-def load_model(model: str | None = None, device: str | None = None, dtype: str | None = None) -> StableDiffusion:
+def load_model(
+    model: str | None = None, device: str | None = None, dtype: str | None = None, compile: bool | None = None
+) -> StableDiffusion:
     """Load and check a Stable Diffusion checkpoint for the engine (see the module docstring)."""
     target_device = select_device(device)
     target_dtype = select_dtype(target_device, dtype)
+    compiled = select_compile(compile)
     path = resolve_model(model)
     if _weights_missing(path) or not (path / "scheduler" / "scheduler_config.json").is_file():
         raise ModelError(
@@ -199,13 +217,12 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
         path / "text_encoder", variant=_variant(path / "text_encoder"), dtype=target_dtype
     )
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-    # Scaled-dot-product attention through a processor that calls to_q and to_k, which the feature
-    # injection hooks (FeatureInjector.check_attention_processors refuses anything else).
+    # Scaled-dot-product attention everywhere; SiteUNet then sets its own processor (the same attention,
+    # with injection) on the eight self-attention sites.
     unet.set_attn_processor(AttnProcessor2_0())
     for module in (unet, vae, text_encoder):
         module.to(target_device).eval().requires_grad_(False)
-    logger.info("loaded %s on %s in %s", path, target_device, str(target_dtype).removeprefix("torch."))
-    return StableDiffusion(
+    loaded = StableDiffusion(
         name=str(path.resolve()),
         unet=unet,
         vae=vae,
@@ -215,4 +232,14 @@ def load_model(model: str | None = None, device: str | None = None, dtype: str |
         device=target_device,
         dtype=target_dtype,
     )
+    if compiled:
+        loaded.sites.compile()
+    logger.info(
+        "loaded %s on %s in %s%s",
+        path,
+        target_device,
+        str(target_dtype).removeprefix("torch."),
+        ", UNet compiled on first use" if compiled else "",
+    )
+    return loaded
 

@@ -98,6 +98,13 @@ class NoiseSchedule:
         )
 
 
+def device_timesteps(timesteps: list[int], device: torch.device, chunk: int = 1) -> list[torch.Tensor]:
+    """`timesteps` on `device` in chunks of `chunk`, made once before a loop: a Python int would be copied
+    to the device at every UNet call. Each chunk is a tensor of its own, not a view into one tensor, so
+    a compiled UNet sees the same offset and alignment at every step and does not compile again."""
+    return [part.clone() for part in torch.tensor(timesteps, device=device).split(chunk)]
+
+
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_next: float) -> torch.Tensor:
     """The deterministic DDIM update from ᾱ = `alpha` to ᾱ = `alpha_next` (Song et al. 2021, arXiv 2010.02502,
     Eq. 12 with η = 0; docs/algorithm.md §3, §5): x0 = (x − sqrt(1 − ᾱ) ε) / sqrt(ᾱ), then

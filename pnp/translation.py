@@ -12,12 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import UNet2DConditionModel
-
-from .injection import FeatureInjector, SourceFeatures
+from .injection import SiteUNet, SourceFeatures
 from .progress import progress
 from .region import EditRegion
-from .schedules import NoiseSchedule, ddim_step
+from .schedules import NoiseSchedule, ddim_step, device_timesteps
 
 UNCONDITIONAL, NEGATIVE, CONDITIONAL = "unconditional", "negative", "conditional"
 
@@ -49,8 +47,11 @@ class Injection:
         return 1 if sources == 2 and branch == CONDITIONAL else 0
 
     def features(self, step: int, branches: list[str], count: int) -> dict[str, torch.Tensor]:
-        """The features injected at `step`, one row per (branch, prompt) in the batch's order."""
+        """The features injected at `step`: the one source of a real image as a single row that every row
+        of the batch shares, or a generated source's halves laid out one row per (branch, prompt)."""
         injected = self.source.at_step(step, self.feature_injection_steps, self.attention_injection_steps)
+        if all(sources.shape[0] == 1 for sources in injected.values()):
+            return injected
         return {
             key: torch.cat(
                 [sources[self.source_index(b)].unsqueeze(0).expand(count, *sources.shape[1:]) for b in branches]
@@ -69,8 +70,7 @@ class Denoiser:
     v-prediction UNet's outputs are turned into ε first (docs/algorithm.md §9).
     """
 
-    unet: UNet2DConditionModel
-    injector: FeatureInjector
+    unet: SiteUNet
     schedule: NoiseSchedule
     timesteps: list[int]
     embeddings: PromptEmbeddings
@@ -78,11 +78,10 @@ class Denoiser:
     negative_weights: list[float]
     batch_size: int
     injection: Injection | None = None
-    _device_timesteps: torch.Tensor = field(init=False, repr=False)
+    _device_timesteps: list[torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # Timesteps as device tensors up front: a Python int would be copied to the device at every call.
-        self._device_timesteps = torch.tensor(self.timesteps, device=self.embeddings.targets.device)
+        self._device_timesteps = device_timesteps(self.timesteps, self.embeddings.targets.device)
 
     def branches(self, step: int) -> list[str]:
         has_negative, weight = self.embeddings.negative is not None, self.negative_weights[step]
@@ -104,9 +103,9 @@ class Denoiser:
         outputs = []
         for lo in range(0, len(latents), self.batch_size):
             hi = lo + self.batch_size
-            with self.injector.injecting({key: value[lo:hi] for key, value in features.items()}):
-                unet_output = self.unet(latents[lo:hi], self._device_timesteps[step], encoder_hidden_states=context[lo:hi])
-            outputs.append(unet_output.sample)
+            # A single row is shared by the whole batch; rows laid out per latent are cut like the latents.
+            chunk = {key: value if len(value) == 1 else value[lo:hi] for key, value in features.items()}
+            outputs.append(self.unet(latents[lo:hi], self._device_timesteps[step], context[lo:hi], chunk))
         alpha = self.schedule.alpha(self.timesteps[step])
         eps = {b: self.schedule.epsilon(out, x, alpha) for b, out in zip(branches, torch.cat(outputs).split(count))}
         return guided_noise(eps, self.negative_weights[step], self.scale)
@@ -159,7 +158,7 @@ def generate_source(
     def denoise_and_capture(x: torch.Tensor, step: int) -> torch.Tensor:
         if step >= capture_steps:
             return denoiser(x, step)
-        with denoiser.injector.capturing() as captured:
+        with denoiser.unet.capturing() as captured:
             eps = denoiser(x, step)
         captures.append(captured)
         return eps

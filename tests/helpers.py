@@ -16,12 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
 from PIL import Image
 
 from pnp import PnPConfig, PnPEngine
 from pnp.config import INPUTS
 from pnp.image_io import decoded_to_pixels, image_to_tensor, pixels_to_images, prepare_image
-from pnp.injection import locate_sites
+from pnp.injection import ATTENTION_SITES, RESNET_KEY, RESNET_SITE, locate_sites
 
 ROOT = Path(__file__).resolve().parent.parent
 HORSE = ROOT / "examples" / "horse.jpg"
@@ -134,18 +136,19 @@ def nan_unet_hook(calls: dict, only_below_float32: bool) -> Callable:
 
 
 class SiteRecorder:
-    """Records, per UNet call, each injection site's output after the engine's hooks, and what the module
-    itself computes from the same input."""
+    """Records, per UNet call, each injection site's module, inputs and output (keyed RESNET_SITE or the
+    attention site), to compare with what diffusers' own code computes from the same inputs."""
 
     def __init__(self, unet: torch.nn.Module):
-        self.calls: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        resnet, attentions = locate_sites(unet)
+        self.calls: list[dict[str, tuple[torch.nn.Module, tuple, torch.Tensor]]] = []
         self.handles = [unet.register_forward_pre_hook(lambda *_: self.calls.append({}))]
-        for key, module in locate_sites(unet).items():
-            self.handles.append(module.register_forward_hook(self._hook(key)))
+        for name, module in [(RESNET_SITE, resnet), *attentions.items()]:
+            self.handles.append(module.register_forward_hook(self._hook(name)))
 
-    def _hook(self, key: str) -> Callable:
+    def _hook(self, name: str) -> Callable:
         def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            self.calls[-1][key] = (output.clone(), module.forward(*inputs).clone())
+            self.calls[-1][name] = (module, tuple(t.clone() for t in inputs), output.clone())
 
         return hook
 
@@ -155,6 +158,61 @@ class SiteRecorder:
     def __exit__(self, *exc: object) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+class Replacing:
+    """A module seen through diffusers' own forward code with some of its submodules replaced."""
+
+    def __init__(self, module: torch.nn.Module, **replaced: Callable):
+        self._module = module
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def site_keys(name: str) -> list[str]:
+    """The feature keys of a site: its conv2 output, or its to_q and to_k."""
+    return [RESNET_KEY] if name == RESNET_SITE else [f"{name}.attn1.to_q", f"{name}.attn1.to_k"]
+
+
+def diffusers_site_output(name: str, module: Any, inputs: tuple, source: dict | None = None) -> torch.Tensor:
+    """What diffusers' ResnetBlock2D.forward or AttnProcessor2_0 computes for a site's inputs; with `source`
+    (key -> rows), the residual branch's conv2 or the to_q and to_k projections give the source's instead."""
+    with torch.no_grad():
+        if name == RESNET_SITE:
+            block = module if source is None else Replacing(module, conv2=lambda h: source[RESNET_KEY].expand_as(h))
+            return ResnetBlock2D.forward(block, *inputs)
+        if source is not None:
+            q, k = (source[key] for key in site_keys(name))
+            module = Replacing(module, to_q=lambda h: q.expand(len(h), -1, -1), to_k=lambda h: k.expand(len(h), -1, -1))
+        return AttnProcessor2_0()(module, inputs[0])
+
+
+def site_features(name: str, module: Any, inputs: tuple) -> dict[str, torch.Tensor]:
+    """The features a site computes on its own from its inputs (diffusers' code): conv2's output, or to_q and to_k."""
+    with torch.no_grad():
+        if name == RESNET_SITE:
+            residual: list[torch.Tensor] = []
+            capture = Replacing(module, conv2=lambda h: residual.append(module.conv2(h)) or residual[0])
+            diffusers_site_output(name, capture, inputs)
+            return {RESNET_KEY: residual[0]}
+        return dict(zip(site_keys(name), (module.to_q(inputs[0]), module.to_k(inputs[0]))))
+
+
+def assert_sites_follow_the_source(calls: list, injected_rows: Callable[[int, str], torch.Tensor], n_f: int, n_a: int) -> None:
+    """At steps i < n_f (ResNet) and i < n_a (attention) each site gives what diffusers computes with the
+    source's features (`injected_rows(step, key)`) in place of its own; at later steps, what it computes alone."""
+    for step, call in enumerate(calls):
+        assert set(call) == {RESNET_SITE, *ATTENTION_SITES}
+        for name, (module, inputs, output) in call.items():
+            own = diffusers_site_output(name, module, inputs)
+            if step < (n_f if name == RESNET_SITE else n_a):
+                source = {key: injected_rows(step, key) for key in site_keys(name)}
+                torch.testing.assert_close(output, diffusers_site_output(name, module, inputs, source), atol=1e-5, rtol=1e-5)
+                assert not torch.allclose(output, own, atol=1e-4), f"{name} at step {step}: the source changed nothing"
+            else:
+                torch.testing.assert_close(output, own, atol=1e-5, rtol=1e-5)
 
 
 # --- an independent reference: diffusers' DDIM scheduler -------------------------------------------------
@@ -208,4 +266,4 @@ def inverted_noise(engine: PnPEngine, steps: int = 10) -> torch.Tensor:
     from pnp.inversion import invert
 
     t_0 = engine.schedule.sampling_timesteps(steps)[0]
-    return invert(engine.model.unet, engine.schedule, source_latent(engine), engine.model.encode_text([""]), steps, {t_0})[t_0]
+    return invert(engine.unet, engine.schedule, source_latent(engine), engine.model.encode_text([""]), steps, {t_0})[t_0]

@@ -191,7 +191,8 @@ def test_health_check_is_ready_with_the_schema(server: Server, openapi_schema: d
 
 
 def test_real_image_prediction(server: Server, horse_uri: str) -> None:
-    response = server.predict(input_image=horse_uri, translation_prompts="a robot horse", **FAST)
+    # Its own inversion prompt: a new inversion whatever ran before on this server.
+    response = server.predict(input_image=horse_uri, translation_prompts="a robot horse", inversion_prompt="metrics", **FAST)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "succeeded", body.get("error")
@@ -203,6 +204,13 @@ def test_real_image_prediction(server: Server, horse_uri: str) -> None:
     for phase in ("load", "inversion", "extraction", "translation", "decode"):
         assert phase in body["logs"]
     assert "UNet evals" in body["logs"]
+    # The engine's figures are the prediction's metrics too.
+    metrics = body["metrics"]
+    assert metrics["unet_evals"] == 10 + 8 + 20 and metrics["cache_hit"] is False
+    assert {name: phase["unet_evals"] for name, phase in metrics["phases"].items()} == {
+        "load": 0, "inversion": 10, "extraction": 8, "translation": 20, "decode": 0
+    }
+    assert all(phase["seconds"] >= 0 for phase in metrics["phases"].values())
 
 
 def test_masked_prediction_keeps_the_input_outside_the_mask(server: Server, horse_uri: str) -> None:

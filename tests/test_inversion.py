@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMInverseScheduler
-from helpers import HORSE, SiteRecorder, config, reference_scheduler, source_latent
+from helpers import HORSE, SiteRecorder, config, reference_scheduler, site_features, source_latent
 
 from pnp import PnPEngine
 from pnp.injection import RESNET_KEY, attention_keys
@@ -20,7 +20,7 @@ def test_inversion_equals_diffusers_ddim_inverse_scheduler(engine: PnPEngine):
     taus = [int(t) for t in inverse.timesteps]
     assert taus == engine.schedule.inversion_timesteps(10)
     text = engine.model.encode_text(["a horse"])
-    kept = invert(engine.model.unet, engine.schedule, latent, text, 10, set(taus))
+    kept = invert(engine.unet, engine.schedule, latent, text, 10, set(taus))
     assert sorted(kept) == taus
     z = latent.float()
     with torch.no_grad():
@@ -35,7 +35,7 @@ def test_inversion_equals_diffusers_ddim_inverse_scheduler(engine: PnPEngine):
 def test_v_prediction_inversion_converts_each_output(v_engine: PnPEngine):
     latent = source_latent(v_engine)
     taus = v_engine.schedule.inversion_timesteps(10)
-    kept = invert(v_engine.model.unet, v_engine.schedule, latent, v_engine.model.encode_text([""]), 10, set(taus))
+    kept = invert(v_engine.unet, v_engine.schedule, latent, v_engine.model.encode_text([""]), 10, set(taus))
     alphas = reference_scheduler(v_engine, 10).alphas_cumprod.double()
     z = latent.double()
     with torch.no_grad():
@@ -64,12 +64,14 @@ def test_source_features_use_the_empty_prompt_whatever_the_inversion_prompt(engi
     texts = {prompt: engine.model.encode_text([prompt]) for prompt in ("", "a brown horse")}
     for step in (0, 3):
         t = timesteps[step]
-        seen = {}
+        seen: dict[str, dict[str, torch.Tensor]] = {}
         for prompt, text in texts.items():
             with SiteRecorder(engine.model.unet) as recorder, torch.no_grad():
                 engine.model.unet(conditioned.latents[t], t, encoder_hidden_states=text)
-            seen[prompt] = recorder.calls[0]
+            seen[prompt] = {}
+            for name, (module, inputs, _) in recorder.calls[0].items():
+                seen[prompt].update(site_features(name, module, inputs))
         for key in (RESNET_KEY, *attention_keys()):
             cached = conditioned.features.features[key][step][0]
-            torch.testing.assert_close(cached, seen[""][key][1][0], atol=1e-5, rtol=1e-5)
-            assert not torch.allclose(cached, seen["a brown horse"][key][1][0], atol=1e-5), key
+            torch.testing.assert_close(cached, seen[""][key][0], atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(cached, seen["a brown horse"][key][0], atol=1e-5), key

@@ -15,7 +15,7 @@ from helpers import HORSE, config
 from transformers import CLIPTextModel
 
 from pnp import ModelError, PnPEngine, models
-from pnp.injection import locate_sites
+from pnp.injection import ATTENTION_SITES, locate_sites
 from pnp.models import load_model, select_dtype
 from pnp.testing import make_random_model
 
@@ -28,8 +28,11 @@ def test_loads_through_the_production_loader_on_the_cpu_in_float32(tiny_model_di
     assert model.device == torch.device("cpu") and model.dtype == torch.float32
     assert model.unet.dtype == model.vae.dtype == model.text_encoder.dtype == torch.float32
     assert not model.unet.training
-    processors = {type(p).__name__ for p in model.unet.attn_processors.values()}
-    assert processors == {"AttnProcessor2_0"}  # torch's scaled_dot_product_attention
+    # torch's scaled_dot_product_attention everywhere; at the eight sites the engine's processor runs it.
+    sites = {f"{site}.transformer_blocks.0.attn1.processor" for site in ATTENTION_SITES}
+    processors = model.unet.attn_processors
+    assert {type(p).__name__ for name, p in processors.items() if name not in sites} == {"AttnProcessor2_0"}
+    assert {type(p).__name__ for name, p in processors.items() if name in sites} == {"_SelfAttentionSite"}
 
 
 def test_dtype_rules(monkeypatch):
@@ -138,21 +141,35 @@ def test_attention_that_would_bypass_the_injection_is_refused(tiny_model_dir):
     unet = engine.model.unet
     unet.fuse_qkv_projections()
     # With fused projections the self-attention never calls to_q: the injection would be silently off.
-    to_q = next(module for key, module in locate_sites(unet).items() if key.endswith("to_q"))
+    _, attentions = locate_sites(unet)
     calls = []
-    handle = to_q.register_forward_hook(lambda *_: calls.append(1))
+    handle = next(iter(attentions.values())).to_q.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
         unet(torch.zeros(1, 4, 16, 16), 1, encoder_hidden_states=torch.zeros(1, 77, unet.config.cross_attention_dim))
     handle.remove()
     assert calls == []
-    evals = engine.unet_evals
-    with pytest.raises(ModelError, match="runs FusedAttnProcessor2_0;"):
+    with pytest.raises(ModelError, match="runs FusedAttnProcessor2_0, not the engine's injection processor"):
         engine(request, HORSE)
     unet.unfuse_qkv_projections()
     unet.set_attn_processor(AttnProcessor())
-    with pytest.raises(ModelError, match="runs AttnProcessor;"):
+    with pytest.raises(ModelError, match="runs AttnProcessor, not the engine's injection processor"):
         engine(request, HORSE)
-    assert engine.unet_evals == evals  # refused before any work
+    assert engine.unet_evals == 0  # refused before any work
+
+
+def test_the_engine_registers_no_hooks_and_counts_evaluations_itself(tiny_model_dir):
+    engine = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")
+    modules = [*engine.model.unet.modules(), *engine.model.vae.modules(), *engine.model.text_encoder.modules()]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    calls = []
+    handle = engine.model.unet.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    try:
+        result = engine(config(), HORSE)
+    finally:
+        handle.remove()
+    # 10 inversion calls of 1 latent, one extraction call of 8, 10 translation calls of 2.
+    assert calls == [1] * 10 + [8] + [2] * 10
+    assert engine.unet_evals == result.stats.unet_evals == sum(calls) == 38
 
 
 def test_sd2_layout_with_linear_projections_runs(tiny_sd2_model_dir):

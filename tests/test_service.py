@@ -228,8 +228,8 @@ def test_a_fault_in_any_phase_leaves_the_service_ready(service, reference_output
     # Nothing left behind: no output directory, no hook, no partial cache entry, the model's own dtype.
     assert out_dirs(service) == dirs
     assert hook_count(engine) == hooks
-    # The injector neither injects stale features nor keeps capturing (and holding) site outputs.
-    assert engine.injector._captured is None and not engine.injector._injected
+    # The sites neither inject stale features nor keep capturing (and holding) their outputs.
+    assert engine.unet.idle
     assert model_dtypes(engine) == {torch.float32}
     entries = entries_for(engine, "fault")
     if phase in ("inversion", "extraction"):

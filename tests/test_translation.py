@@ -7,12 +7,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import HORSE, SiteRecorder, config, decoded_image, inverted_noise, pixels, reference_sampling
+from helpers import (
+    HORSE,
+    SiteRecorder,
+    assert_sites_follow_the_source,
+    config,
+    decoded_image,
+    inverted_noise,
+    pixels,
+    reference_sampling,
+    site_features,
+)
 from PIL import Image
 
 from pnp import PnPEngine
 from pnp.config import MAX_PROMPTS
-from pnp.injection import RESNET_KEY, attention_keys
+from pnp.injection import RESNET_KEY, RESNET_SITE
 from pnp.schedules import negative_prompt_weights
 
 
@@ -56,16 +66,7 @@ def test_injection_replaces_source_features_for_exactly_the_first_steps(engine: 
     assert len(recorder.calls) == 10  # one batched call per step: 2 prompts x (unconditional, conditional)
     n_f, n_a = request.feature_injection_steps, request.attention_injection_steps
     assert (n_f, n_a) == (int(10 * feature_threshold), int(10 * attention_threshold))
-    for step, call in enumerate(recorder.calls):
-        for key, (seen, own) in call.items():
-            injected = step < (n_f if key == RESNET_KEY else n_a)
-            if injected:
-                expected = source.features[key][step][0].expand_as(seen)
-                torch.testing.assert_close(seen, expected, atol=0, rtol=0)
-                assert not torch.allclose(seen, own), f"{key} at step {step}: the target's own features equal the source's"
-            else:
-                torch.testing.assert_close(seen, own, atol=0, rtol=0)
-    assert set(call) == {RESNET_KEY, *attention_keys()}
+    assert_sites_follow_the_source(recorder.calls, lambda step, key: source.features[key][step], n_f, n_a)
 
 
 def test_prompts_in_one_batch_equal_prompts_one_at_a_time(engine: PnPEngine, tiny_model_dir):
@@ -116,17 +117,13 @@ def test_generation_injects_each_half_into_its_own_branches(engine: PnPEngine):
     assert len(result.images) == 2
     source_calls, target_calls = recorder.calls[:10], recorder.calls[10:]
     assert len(target_calls) == 10
-    n_f, n_a = request.feature_injection_steps, request.attention_injection_steps
-    for step, (source, target) in enumerate(zip(source_calls, target_calls)):
-        for key, (seen, own) in target.items():
-            if step >= (n_f if key == RESNET_KEY else n_a):
-                torch.testing.assert_close(seen, own, atol=0, rtol=0)
-                continue
-            unconditional, conditional = source[key][0][0], source[key][0][1]
-            # Target rows: unconditional, negative, conditional.
-            torch.testing.assert_close(seen[0], unconditional, atol=0, rtol=0)
-            torch.testing.assert_close(seen[1], unconditional, atol=0, rtol=0)
-            torch.testing.assert_close(seen[2], conditional, atol=0, rtol=0)
+
+    def injected_rows(step: int, key: str) -> torch.Tensor:
+        # Source rows: unconditional, conditional. Target rows: unconditional, negative, conditional.
+        name = RESNET_SITE if key == RESNET_KEY else key.split(".attn1.")[0]
+        return site_features(name, *source_calls[step][name][:2])[key][[0, 0, 1]]
+
+    assert_sites_follow_the_source(target_calls, injected_rows, request.feature_injection_steps, request.attention_injection_steps)
 
 
 def test_output_has_the_working_size_of_a_non_square_image(engine: PnPEngine):

@@ -1,0 +1,86 @@
+"""torch.compile of the UNet (PNP_COMPILE): whole graphs, a bounded number of them, the eager images,
+and an eager fallback. The tests trace with the "eager" backend: tracing finds graph breaks and counts
+graphs as inductor would, without minutes of code generation on a CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from helpers import HORSE, config
+
+from pnp import ModelError, PnPEngine
+from pnp.models import select_compile
+
+REQUESTS = [
+    {"translation_prompts": "a robot horse"},
+    {"translation_prompts": "a zebra; a cat; a dog; a lego horse"},
+    {"translation_prompts": "a robot horse", "negative_prompt": "a horse", "negative_prompt_alpha": 0.5},
+]
+
+
+def test_pnp_compile_is_read_from_the_environment(monkeypatch):
+    monkeypatch.delenv("PNP_COMPILE", raising=False)
+    assert select_compile() is False
+    monkeypatch.setenv("PNP_COMPILE", "1")
+    assert select_compile() is True and select_compile(False) is False
+    monkeypatch.setenv("PNP_COMPILE", "yes")
+    with pytest.raises(ModelError, match="PNP_COMPILE"):
+        select_compile()
+
+
+def test_compiled_unet_has_no_graph_break_few_graphs_and_the_eager_images(tiny_model_dir, caplog):
+    eager = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu", compile=False)
+    compiled = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu", compile=False)
+    graphs, runs = [], []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+
+        def run(*args):
+            runs.append(graph)
+            return graph.forward(*args)
+
+        return run
+
+    compiled.unet.compile(backend=counting_backend)
+    with caplog.at_level(logging.WARNING, logger="pnp.injection"):
+        for values in REQUESTS:
+            request = config(**values)
+            expected, result = eager(request, HORSE), compiled(request, HORSE)
+            for a, b in zip(expected.images, result.images, strict=True):
+                assert np.abs(np.asarray(a, int) - np.asarray(b, int)).max() <= 1
+            assert result.stats.unet_evals == expected.stats.unet_evals
+        first_pass = len(graphs)
+        compiled(config(**REQUESTS[1]), HORSE)  # every shape seen: nothing new
+        compiled_runs = len(runs)
+        with compiled.unet.eager():  # as the float32 retry runs
+            compiled(config(**REQUESTS[0]), HORSE)
+        assert len(runs) == compiled_runs
+    # fullgraph=True: a graph break would have raised and fallen back to eager, with a warning.
+    assert compiled.unet.compiled and not caplog.records
+    assert len(graphs) == first_pass
+    # Batch sizes x injection patterns: inversion (1), extraction (8), translation (2, 8, then 2 and 3
+    # with the negative branch), each with ResNet and attention, ResNet only, or nothing injected.
+    assert 5 <= first_pass <= 16, first_pass
+
+
+def test_a_failing_compilation_falls_back_to_eager_with_a_warning(tiny_model_dir, caplog):
+    engine = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu", compile=False)
+    request = config(translation_prompts="a cat")
+    expected = engine(request, HORSE).images[0]
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    engine.unet.compile(backend=failing_backend)
+    engine.cache.clear()
+    with caplog.at_level(logging.WARNING, logger="pnp.injection"):
+        result = engine(request, HORSE)
+    assert not engine.unet.compiled
+    assert any("torch.compile failed" in r.getMessage() for r in caplog.records)
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
+    assert result.stats.unet_evals == 38
+    torch._dynamo.reset()
