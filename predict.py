@@ -46,11 +46,11 @@ class Predictor(BaseRunner):
         PNP_COMPILE=1, also compile the UNet for a default request."""
         configure_logging()
         self.engine = PnPEngine.from_pretrained()
-        if self.engine.unet.compiled:
+        if self.engine.model.compiled:
             # PNP_COMPILE=1: compile the default request's graphs now, not in the first prediction.
             start = time.perf_counter()
             self.engine.warm_up()
-            logger.info("compiled and warmed up the UNet in %.1f s", time.perf_counter() - start)
+            logger.info("compiled and warmed up the UNet and VAE decoder in %.1f s", time.perf_counter() - start)
         self._last_output_dir: str | None = None
 
     def run(

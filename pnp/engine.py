@@ -200,7 +200,7 @@ class PnPEngine:
             if self.model.dtype == torch.float32:
                 raise
             logger.warning("%s in %s; running the request again in float32", error, self.model.dtype)
-            with self.model.in_float32(), self.unet.eager():
+            with self.model.in_float32():
                 return self._run(config, prepared, pixel_mask, seed, stats)
 
     def _run(

@@ -11,24 +11,18 @@ be thrown away, and torch.compile sees plain module code.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
+from .compilation import Compilable
 from .errors import ModelError
-
-logger = logging.getLogger(__name__)
-
-# Graphs torch.compile may keep for the UNet: batch sizes times injection patterns across requests.
-COMPILED_GRAPHS_LIMIT = 64
 
 RESNET_SITE = "up_blocks.1.resnets.1"
 ATTENTION_SITES = (
@@ -196,14 +190,14 @@ class _SelfAttentionSite:
 
 class SiteUNet:
     """The UNet with its Plug-and-Play sites: runs it, counting the latents it evaluates, with source
-    features injected or the sites' own features captured (`capturing`), compiled where asked (`compile`)."""
+    features injected or the sites' own features captured (`capturing`); `run` compiles where asked."""
 
     def __init__(self, unet: UNet2DConditionModel):
         self.unet = unet
         self.evals = 0
         self._state = _SiteState()
-        self._compiled: torch.nn.Module | None = None
-        self._eager = False
+        # The sites are plain module code inside the UNet, so torch.compile traces them with it.
+        self.run = Compilable(unet, "UNet")
         resnet, attentions = locate_sites(unet)
         # An instance attribute: nn.Module.__call__ runs it instead of ResnetBlock2D.forward.
         resnet.forward = _ResidualSite(resnet, self._state)
@@ -242,37 +236,9 @@ class SiteUNet:
         self.evals += latents.shape[0]
         self._state.injected = injected or {}
         try:
-            if self._compiled is not None and not self._eager:
-                try:
-                    return self._compiled(latents, timesteps, encoder_hidden_states=text).sample
-                except torch._dynamo.exc.TorchDynamoException as error:
-                    logger.warning("torch.compile failed (%s); the UNet runs eagerly from now on", error)
-                    self._compiled = None
-            return self.unet(latents, timesteps, encoder_hidden_states=text).sample
+            return self.run(latents, timesteps, encoder_hidden_states=text).sample
         finally:
             self._state.injected = {}
-
-    def compile(self, backend: str = "inductor") -> None:
-        """Run the UNet under torch.compile: whole graphs (the sites are plain module code, so there is
-        no graph break) for static shapes, one graph per batch size and injection pattern, compiled on
-        first use. A compilation that fails leaves the UNet eager, with a warning."""
-        # A default request needs about six graphs (inversion, extraction chunks, the three injection
-        # patterns of the translation); more prompts or a negative prompt add a few batch sizes.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
-        self._compiled = torch.compile(self.unet, backend=backend, fullgraph=True, dynamic=False)
-
-    @property
-    def compiled(self) -> bool:
-        return self._compiled is not None
-
-    @contextmanager
-    def eager(self) -> Iterator[None]:
-        """Run the UNet eagerly inside the block (the float32 retry: compiled graphs are for the model's dtype)."""
-        self._eager = True
-        try:
-            yield
-        finally:
-            self._eager = False
 
     @contextmanager
     def capturing(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .compilation import Compilable
 from .errors import ModelError
 from .injection import SiteUNet, locate_sites
 
@@ -36,8 +37,9 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 @dataclass
 class StableDiffusion:
-    """The loaded components the engine drives, on one device in one dtype, and the UNet's Plug-and-Play
-    sites (installed once per UNet: every engine on this model shares them)."""
+    """The loaded components the engine drives, on one device in one dtype, the UNet's Plug-and-Play
+    sites (installed once per UNet: every engine on this model shares them), and the VAE's decoder as
+    it runs, eagerly or compiled (`compile`)."""
 
     name: str
     unet: UNet2DConditionModel
@@ -48,20 +50,33 @@ class StableDiffusion:
     device: torch.device
     dtype: torch.dtype
     sites: SiteUNet = field(init=False, repr=False)
+    decoder: Compilable = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.sites = SiteUNet(self.unet)
+        self.decoder = Compilable(self.vae.decode, "VAE decoder")
+
+    def compile(self, backend: str | Callable = "inductor") -> None:
+        """Run the UNet (with its sites) and the VAE decoder under torch.compile, compiled on first use."""
+        self.sites.run.compile(backend)
+        self.decoder.compile(backend)
+
+    @property
+    def compiled(self) -> bool:
+        return self.sites.run.compiled or self.decoder.compiled
 
     @contextmanager
     def in_float32(self) -> Iterator[None]:
-        """Run the models in float32 inside the block, and in their own dtype again after it."""
+        """Run the models in float32 inside the block, eagerly (compiled graphs are for the model's own
+        dtype), and in their own dtype again after it."""
         original = self.dtype
         modules = (self.unet, self.vae, self.text_encoder)
         for module in modules:
             module.to(torch.float32)
         self.dtype = torch.float32
         try:
-            yield
+            with self.sites.run.eager(), self.decoder.eager():
+                yield
         finally:
             for module in modules:
                 module.to(original)
@@ -89,7 +104,7 @@ class StableDiffusion:
         """VAE decoding of latents, `batch_size` at a time; values are roughly in [-1, 1]."""
         scaled = latents / self.vae.config.scaling_factor
         return torch.cat(
-            [self.vae.decode(chunk.to(self.dtype)).sample for chunk in scaled.split(batch_size)]
+            [self.decoder(chunk.to(self.dtype)).sample for chunk in scaled.split(batch_size)]
         )
 
 
@@ -111,7 +126,7 @@ def select_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
 
 
 def select_compile(compile: bool | None = None) -> bool:
-    """`compile`, else `PNP_COMPILE` ("1" runs the UNet under torch.compile, "0" or unset eagerly)."""
+    """`compile`, else `PNP_COMPILE` ("1": the UNet and VAE decoder under torch.compile; "0" or unset: eagerly)."""
     if compile is not None:
         return compile
     value = os.environ.get("PNP_COMPILE", "0")
@@ -233,13 +248,13 @@ def load_model(
         dtype=target_dtype,
     )
     if compiled:
-        loaded.sites.compile()
+        loaded.compile()
     logger.info(
         "loaded %s on %s in %s%s",
         path,
         target_device,
         str(target_dtype).removeprefix("torch."),
-        ", UNet compiled on first use" if compiled else "",
+        ", UNet and VAE decoder compiled on first use" if compiled else "",
     )
     return loaded
 

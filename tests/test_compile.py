@@ -1,5 +1,5 @@
-"""torch.compile of the UNet (PNP_COMPILE): whole graphs, a bounded number of them, the eager images,
-and an eager fallback. The tests trace with the "eager" backend: tracing finds graph breaks and counts
+"""torch.compile of the UNet and the VAE decoder (PNP_COMPILE): whole graphs, a bounded number of them,
+the eager images, and an eager fallback. The tests trace with the "eager" backend: tracing finds graph breaks and counts
 graphs as inductor would, without minutes of code generation on a CPU."""
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def test_compiled_unet_has_no_graph_break_few_graphs_and_the_eager_images(tiny_m
 
         return run
 
-    compiled.unet.compile(backend=counting_backend)
-    with caplog.at_level(logging.WARNING, logger="pnp.injection"):
+    compiled.model.compile(backend=counting_backend)
+    with caplog.at_level(logging.WARNING, logger="pnp.compilation"):
         for values in REQUESTS:
             request = config(**values)
             expected, result = eager(request, HORSE), compiled(request, HORSE)
@@ -56,15 +56,19 @@ def test_compiled_unet_has_no_graph_break_few_graphs_and_the_eager_images(tiny_m
         first_pass = len(graphs)
         compiled(config(**REQUESTS[1]), HORSE)  # every shape seen: nothing new
         compiled_runs = len(runs)
-        with compiled.unet.eager():  # as the float32 retry runs
+        with compiled.model.in_float32():  # the retry runs both eagerly
             compiled(config(**REQUESTS[0]), HORSE)
         assert len(runs) == compiled_runs
     # fullgraph=True: a graph break would have raised and fallen back to eager, with a warning.
-    assert compiled.unet.compiled and not caplog.records
+    assert compiled.unet.run.compiled and compiled.model.decoder.compiled
+    assert not [r for r in caplog.records if r.name == "pnp.compilation"]
     assert len(graphs) == first_pass
-    # Batch sizes x injection patterns: inversion (1), extraction (8), translation (2, 8, then 2 and 3
-    # with the negative branch), each with ResNet and attention, ResNet only, or nothing injected.
-    assert 5 <= first_pass <= 16, first_pass
+    # UNet: batch sizes x injection patterns: inversion (1), extraction (8), translation (2, 8, then 2 and
+    # 3 with the negative branch), each with ResNet and attention, ResNet only, or nothing injected.
+    # VAE decoder: 1 and 4 images.
+    assert 7 <= first_pass <= 20, first_pass
+    decoder_graphs = [g for g in graphs if "post_quant_conv" in g.code]  # the VAE decoder's first layer
+    assert len(decoder_graphs) == 2 and first_pass - 2 >= 5
 
 
 def test_a_failing_compilation_falls_back_to_eager_with_a_warning(tiny_model_dir, caplog):
@@ -75,12 +79,13 @@ def test_a_failing_compilation_falls_back_to_eager_with_a_warning(tiny_model_dir
     def failing_backend(graph, example_inputs):
         raise RuntimeError("no compiler here")
 
-    engine.unet.compile(backend=failing_backend)
+    engine.model.compile(backend=failing_backend)
     engine.cache.clear()
-    with caplog.at_level(logging.WARNING, logger="pnp.injection"):
+    with caplog.at_level(logging.WARNING, logger="pnp.compilation"):
         result = engine(request, HORSE)
-    assert not engine.unet.compiled
-    assert any("torch.compile failed" in r.getMessage() for r in caplog.records)
+    assert not engine.model.compiled
+    failures = [r.getMessage() for r in caplog.records if "torch.compile of the" in r.getMessage()]
+    assert len(failures) == 2 and "UNet" in failures[0] and "VAE decoder" in failures[1]
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
     assert result.stats.unet_evals == 38
     torch._dynamo.reset()

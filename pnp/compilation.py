@@ -1,0 +1,57 @@
+"""torch.compile for the UNet and the VAE decoder: whole graphs, static shapes, and an eager fallback.
+
+A `Compilable` runs its function eagerly until `compile` is called, then under torch.compile with
+`fullgraph=True` (a graph break is an error, not a silent split) and `dynamic=False` (one graph per
+shape: a request has few). Compilation happens on first use of each shape; if it fails, the function
+runs eagerly from then on and a warning says why, so a request never fails for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch._dynamo
+
+logger = logging.getLogger(__name__)
+
+# Graphs torch.compile may keep per function: batch sizes times injection patterns across requests.
+COMPILED_GRAPHS_LIMIT = 64
+
+
+class Compilable:
+    """`function`, run eagerly or, after `compile`, under torch.compile (outside an `eager` block)."""
+
+    def __init__(self, function: Callable[..., Any], name: str):
+        self.function, self.name = function, name
+        self._compiled: Callable[..., Any] | None = None
+        self._eager = False
+
+    def compile(self, backend: str | Callable = "inductor") -> None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
+        self._compiled = torch.compile(self.function, backend=backend, fullgraph=True, dynamic=False)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    @contextmanager
+    def eager(self) -> Iterator[None]:
+        """Run eagerly inside the block (the float32 retry: compiled graphs are for the model's dtype)."""
+        self._eager = True
+        try:
+            yield
+        finally:
+            self._eager = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._compiled is not None and not self._eager:
+            try:
+                return self._compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                logger.warning("torch.compile of the %s failed (%s); it runs eagerly from now on", self.name, error)
+                self._compiled = None
+        return self.function(*args, **kwargs)
