@@ -43,7 +43,7 @@ def configure_logging() -> None:
 class Predictor(BaseRunner):
     def setup(self) -> None:
         """Load the model once: PNP_MODEL, else weights/ (downloaded there first where missing); with
-        PNP_COMPILE=1, also compile the UNet for a default request."""
+        PNP_COMPILE=1, also compile the UNet and VAE decoder for a default request."""
         configure_logging()
         self.engine = PnPEngine.from_pretrained()
         if self.engine.model.compiled:

@@ -137,15 +137,19 @@ def prepare_image(image: Image.Image, image_size: int) -> Image.Image:
     return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
+def _rgb_values(image: Image.Image) -> torch.Tensor:
+    """The RGB uint8 values of `image` as a (3, H, W) float32 tensor."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float()
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """A (1, 3, H, W) float32 tensor of the RGB pixels mapped to [-1, 1]: x = uint8 / 127.5 - 1."""
-    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float()
-    return (pixels / 127.5 - 1).unsqueeze(0).contiguous()
+    return (_rgb_values(image) / 127.5 - 1).unsqueeze(0).contiguous()
 
 
 def image_to_pixels(image: Image.Image) -> torch.Tensor:
     """A (1, 3, H, W) float32 tensor of the RGB pixels in [0, 1]: uint8 / 255, as images are blended (docs/algorithm.md §8)."""
-    return (torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255).unsqueeze(0)
+    return (_rgb_values(image) / 255).unsqueeze(0)
 
 
 def decoded_to_pixels(decoded: torch.Tensor) -> torch.Tensor:
