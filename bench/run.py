@@ -5,10 +5,12 @@
     python -m bench.run --full-size-random /tmp/sd15-random --device cuda --dtype float16
 
 The requests, in order, on ONE engine (so the inversion cache works as it does in the service):
-  1. new image, 1 prompt          2. another new image (the horse mirrored), 4 prompts
-  3. repeat of 2 with 4 other prompts (cached inversion and features)
-  4. generation mode, 1 prompt, fixed seed
-On CUDA a warm-up request runs first and is not reported. For each request the table gives the
+  new-1       new image, 1 prompt
+  repeat-1    repeat of new-1 with another prompt (cached inversion and features)
+  new-4       another new image (the horse mirrored), 4 prompts
+  repeat-4    repeat of new-4 with 4 other prompts (cached)
+  generation  generation mode, 1 prompt, fixed seed
+`--requests` runs a subset (a repeat needs its new image). On CUDA each request first runs once unreported. For each request the table gives the
 seconds of each engine phase, the wall time of the call, peak memory, the UNet evaluations the
 engine counted, those the cost model (docs/cost-model.md) expects, those the published model spends, and the ratio of the two.
 """
@@ -47,15 +49,20 @@ PUBLISHED_INVERSION_STEPS = 999
 PUBLISHED_SAMPLING_STEPS = 50
 
 PROMPTS_1 = ["a photo of a robot horse"]
+PROMPTS_1_OTHER = ["a photo of a golden horse"]
 PROMPTS_4 = ["a photo of a zebra", "a bronze statue of a horse", "a watercolor painting of a horse", "a toy horse made of lego"]
 PROMPTS_4_OTHER = ["a photo of a unicorn", "a marble statue of a horse", "a pencil sketch of a horse", "a horse made of wood"]
 GENERATION_PROMPT = "a photo of a horse in a field"
+# The requests' keys, each with the request whose cache entry it reuses.
+REQUEST_KEYS = {"new-1": None, "repeat-1": "new-1", "new-4": None, "repeat-4": "new-4", "generation": None}
 
 
 @dataclass(frozen=True)
 class Request:
-    """One benchmarked request: its label, the config's inputs and the image (None in generation mode)."""
+    """One benchmarked request: its key (`REQUEST_KEYS`), its label, the config's inputs and the image
+    (None in generation mode); a repeat relies on the cache entry of an earlier request."""
 
+    key: str
     name: str
     inputs: dict[str, Any]
     image: Image.Image | Path | None
@@ -114,16 +121,20 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def requests(image_path: Path, image_size: int, steps: int) -> list[Request]:
-    """The four benchmarked requests; all use the inputs' defaults except the prompts, size and steps."""
+def requests(image_path: Path, image_size: int, steps: int, keys: list[str] | None = None) -> list[Request]:
+    """The benchmarked requests in their order, or those of them named in `keys`; all use the inputs'
+    defaults except the prompts, size and steps."""
     common = {"image_size": image_size, "num_inference_steps": steps}
     mirrored = ImageOps.mirror(ImageOps.exif_transpose(Image.open(image_path)).convert("RGB"))
-    return [
-        Request("new image", {**common, "translation_prompts": PROMPTS_1}, image_path),
-        Request("new image", {**common, "translation_prompts": PROMPTS_4}, mirrored),
-        Request("repeat (cached)", {**common, "translation_prompts": PROMPTS_4_OTHER}, mirrored, repeat=True),
-        Request("generation", {**common, "translation_prompts": PROMPTS_1, "generation_prompt": GENERATION_PROMPT, "seed": 0}, None),
+    generation = {**common, "translation_prompts": PROMPTS_1, "generation_prompt": GENERATION_PROMPT, "seed": 0}
+    every = [
+        Request("new-1", "new image", {**common, "translation_prompts": PROMPTS_1}, image_path),
+        Request("repeat-1", "repeat (cached)", {**common, "translation_prompts": PROMPTS_1_OTHER}, image_path, repeat=True),
+        Request("new-4", "new image", {**common, "translation_prompts": PROMPTS_4}, mirrored),
+        Request("repeat-4", "repeat (cached)", {**common, "translation_prompts": PROMPTS_4_OTHER}, mirrored, repeat=True),
+        Request("generation", "generation", generation, None),
     ]
+    return [request for request in every if keys is None or request.key in keys]
 
 
 def run_request(engine: PnPEngine, request: Request) -> tuple[dict[str, Any], list[Image.Image]]:
@@ -152,22 +163,25 @@ def run_request(engine: PnPEngine, request: Request) -> tuple[dict[str, Any], li
     return row, result.images
 
 
-def warm_up(engine: PnPEngine, image_path: Path, image_size: int, steps: int) -> float:
-    """Run every benchmarked request once, unreported, on a third image (the horse upside down, so no
+def warm_up(engine: PnPEngine, benchmarked: list[Request], image_path: Path) -> float:
+    """Run the benchmarked requests once, unreported, on another image (the horse upside down, so no
     benchmarked request hits its cache): CUDA chooses its kernels and a compiled UNet compiles its
     graphs for every batch size. Returns the seconds it took; the cache is cleared after it."""
     flipped = ImageOps.flip(ImageOps.exif_transpose(Image.open(image_path)).convert("RGB"))
     start = time.perf_counter()
-    for request in requests(image_path, image_size, steps):
+    for request in benchmarked:
         engine(PnPConfig.from_mapping(request.inputs), image=None if request.image is None else flipped)
     engine.cache.clear()
     return time.perf_counter() - start
 
 
-def run_all(engine: PnPEngine, image_path: Path, image_size: int, steps: int) -> tuple[list[dict], list[list[Image.Image]]]:
+def run_all(engine: PnPEngine, benchmarked: list[Request]) -> tuple[list[dict], list[list[Image.Image]]]:
+    """The rows and images of the requests; each row is also printed to stderr once done, so that a run
+    cut short (a time limit on a borrowed GPU) still shows what it measured."""
     rows, images = [], []
-    for request in requests(image_path, image_size, steps):
+    for request in benchmarked:
         row, request_images = run_request(engine, request)
+        print(f"{request.key}: {json.dumps(row)}", file=sys.stderr, flush=True)
         rows.append(row)
         images.append(request_images)
     return rows, images
@@ -214,6 +228,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="input image (default: examples/horse.jpg)")
     parser.add_argument("--image-size", type=int, help=f"working size (default 512; {TINY_IMAGE_SIZE} for the tiny default model)")
     parser.add_argument("--steps", type=int, default=50, help="num_inference_steps (default 50)")
+    parser.add_argument(
+        "--requests",
+        type=lambda value: value.split(","),
+        default=list(REQUEST_KEYS),
+        help=f"comma-separated subset of {','.join(REQUEST_KEYS)} (default: all); a repeat needs its new image",
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="UNet and VAE weights in channels_last (NHWC) layout, for every row"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the table as JSON")
     parser.add_argument(
@@ -221,7 +244,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run the requests eagerly, then with the UNet under torch.compile, and print both (compile time apart)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for key in args.requests:
+        if key not in REQUEST_KEYS:
+            parser.error(f"--requests: unknown request {key!r}; choose from {', '.join(REQUEST_KEYS)}")
+        needed = REQUEST_KEYS[key]
+        if needed is not None and needed not in args.requests:
+            parser.error(f"--requests: {key} repeats {needed}, so it needs {needed} too")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -244,16 +274,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         image_size = args.image_size or (TINY_IMAGE_SIZE if tiny else 512)
 
         engine = PnPEngine.from_pretrained(str(model_dir), device=args.device, dtype=args.dtype, compile=False)
+        if args.channels_last:
+            engine.model.use_channels_last()
         device = engine.model.device
+        benchmarked = requests(args.image, image_size, args.steps, args.requests)
         if device.type == "cuda":
-            warm_up(engine, args.image, image_size, args.steps)
+            warm_up(engine, benchmarked, args.image)
         engine.cache.clear()
-        rows, eager_images = run_all(engine, args.image, image_size, args.steps)
+        rows, eager_images = run_all(engine, benchmarked)
         if args.compile:
             engine.model.compile()
             # The warm-up compiles every graph the requests need: its time is the compile time.
-            compile_seconds = warm_up(engine, args.image, image_size, args.steps)
-            compiled_rows, compiled_images = run_all(engine, args.image, image_size, args.steps)
+            compile_seconds = warm_up(engine, benchmarked, args.image)
+            compiled_rows, compiled_images = run_all(engine, benchmarked)
             for row, images, reference in zip(compiled_rows, compiled_images, eager_images):
                 row["max_pixel_diff_vs_eager"] = max_pixel_difference(images, reference)
             rows += compiled_rows
@@ -262,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": model_label,
         "device": device_name(device),
         "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "memory format": "channels_last (NHWC)" if engine.model.channels_last else "contiguous (NCHW)",
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "image": _display_path(args.image),

@@ -65,6 +65,18 @@ class StableDiffusion:
     def compiled(self) -> bool:
         return self.sites.run.compiled or self.decoder.compiled
 
+    def use_channels_last(self) -> None:
+        """Lay out the UNet's and the VAE's 4-D weights as NHWC (channels_last), which their convolutions'
+        outputs then follow. The numbers are the same; whether it is faster depends on the GPU and its
+        convolution kernels, which `bench/run.py --channels-last` measures. torch.compile's inductor
+        picks convolution layouts by itself."""
+        for module in (self.unet, self.vae):
+            module.to(memory_format=torch.channels_last)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
     @contextmanager
     def in_float32(self) -> Iterator[None]:
         """Run the models in float32 inside the block, eagerly (compiled graphs are for the model's own

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.run import expected_evals, main, published_evals
+from bench.run import REQUEST_KEYS, expected_evals, main, parse_args, published_evals
 from pnp import PnPConfig
 
 
@@ -32,21 +32,45 @@ def test_benchmark_counts_follow_the_cost_model(tiny_model_dir: Path, tmp_path: 
     rows = table["rows"]
     assert [(r["request"], r["prompts"], r["cache_hit"]) for r in rows] == [
         ("new image", 1, False),
+        ("repeat (cached)", 1, True),
         ("new image", 4, False),
         ("repeat (cached)", 4, True),
         ("generation", 1, False),
     ]
     # N = 10, M = 50: inversion 50, extraction max(int(8.0), int(5.0)) = 8, translation 2·10·P.
-    assert [r["expected_evals"] for r in rows] == [50 + 8 + 20, 50 + 8 + 80, 80, 20 + 20]
+    assert [r["expected_evals"] for r in rows] == [50 + 8 + 20, 20, 50 + 8 + 80, 80, 20 + 20]
     for row in rows:
         assert row["unet_evals"] == row["expected_evals"], row
         assert row["published_over_ours"] == pytest.approx(row["published_evals"] / row["unet_evals"])
         assert row["peak_memory_mib"] > 0
-    assert rows[2]["inversion_s"] == 0 and rows[2]["extraction_s"] == 0
+    for repeat in (rows[1], rows[3]):
+        assert repeat["inversion_s"] == 0 and repeat["extraction_s"] == 0
 
     header = table["header"]
     assert header["image_size"] == 128 and header["num_inference_steps"] == 10 and header["dtype"] == "float32"
     assert {"device", "torch", "diffusers"} <= set(header)
-    printed = capsys.readouterr().out
-    assert "UNet evals" in printed and "expected" in printed and "pub/ours" in printed
-    assert f"device: {header['device']}" in printed
+    printed = capsys.readouterr()
+    assert "UNet evals" in printed.out and "expected" in printed.out and "pub/ours" in printed.out
+    assert f"device: {header['device']}" in printed.out
+    # Each row is also printed as soon as it is done, for runs cut short.
+    done = [json.loads(line.split(": ", 1)[1]) for line in printed.err.splitlines() if line.startswith(tuple(REQUEST_KEYS))]
+    assert done == rows
+
+
+def test_a_subset_of_requests_runs_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
+    table = main(["--model", str(tiny_model_dir), "--image-size", "128", "--steps", "10", "--requests", "repeat-1,new-1",
+                  "--json", str(tmp_path / "results.json")])
+    assert [(r["request"], r["cache_hit"], r["unet_evals"]) for r in table["rows"]] == [
+        ("new image", False, 50 + 8 + 20),
+        ("repeat (cached)", True, 20),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("requested", "message"),
+    [("new-1,new-2", "unknown request 'new-2'"), ("repeat-4", "repeat-4 repeats new-4, so it needs new-4 too")],
+)
+def test_a_request_subset_is_checked(requested: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--requests", requested])
+    assert message in capsys.readouterr().err

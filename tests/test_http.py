@@ -136,6 +136,8 @@ def server(
         # One torch thread, as in the test process (conftest.py): oversubscribed OpenMP threads on a
         # small shared machine make each UNet call many times slower.
         OMP_NUM_THREADS="1",
+        # The predictor's output directories and Cog's downloaded inputs stay in the test's temp tree.
+        TMPDIR=str(tmp_path_factory.mktemp("cog-tmp")),
     )
     env.pop("PNP_DTYPE", None)
     log_path = tmp_path_factory.mktemp("cog-server") / "server.log"

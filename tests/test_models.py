@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -170,6 +171,19 @@ def test_the_engine_registers_no_hooks_and_counts_evaluations_itself(tiny_model_
     # 10 inversion calls of 1 latent, one extraction call of 8, 10 translation calls of 2.
     assert calls == [1] * 10 + [8] + [2] * 10
     assert engine.unet_evals == result.stats.unet_evals == sum(calls) == 38
+
+
+def test_channels_last_weights_give_the_same_images(tiny_model_dir, engine):
+    nhwc = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")
+    nhwc.model.use_channels_last()
+    assert nhwc.model.channels_last and not engine.model.channels_last
+    assert nhwc.model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    request = config(translation_prompts="a cat; a robot horse")
+    expected = engine(request, HORSE).images
+    for result in (nhwc(request, HORSE), nhwc(request, HORSE)):  # features captured, then from the cache
+        for a, b in zip(expected, result.images, strict=True):
+            assert np.abs(np.asarray(a, int) - np.asarray(b, int)).max() <= 1
+    assert result.stats.cache_hit
 
 
 def test_sd2_layout_with_linear_projections_runs(tiny_sd2_model_dir):
