@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .injection import SiteUNet, SourceFeatures
+from .injection import FeatureRecorder, SiteUNet, SourceFeatures
 from .progress import progress
 from .schedules import NoiseSchedule, ddim_step, device_timesteps
 
@@ -53,13 +53,11 @@ def extract_features(
     For a real image `text_embedding` is E(""), whatever conditioned the inversion (docs/algorithm.md §4),
     as in pnp-diffusers and PnP Inversion's benchmark code.
     """
-    captures = []
+    recorder = FeatureRecorder(resnet_steps, attention_steps, sources=1)
     chunked_timesteps = device_timesteps(timesteps, text_embedding.device, batch_size)
     for start, steps in zip(range(0, len(latents), batch_size), chunked_timesteps):
         chunk = torch.cat(latents[start : start + batch_size]).to(unet.dtype)
         with unet.capturing() as captured:
             unet(chunk, steps, text_embedding.expand(len(chunk), -1, -1))
-        captures.append(captured)
-    # Each step has one source: (steps, 1, ...).
-    stacked = {key: torch.cat([c[key] for c in captures]).unsqueeze(1) for key in captures[0]} if captures else {}
-    return SourceFeatures.keeping(stacked, resnet_steps, attention_steps)
+        recorder.record(start, captured)
+    return recorder.features()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from .injection import SiteUNet, SourceFeatures
+from .injection import FeatureRecorder, SiteUNet, SourceFeatures
 from .progress import progress
 from .region import EditRegion
 from .schedules import NoiseSchedule, ddim_step, device_timesteps
@@ -152,7 +152,8 @@ def generate_source(
 ) -> tuple[torch.Tensor, SourceFeatures]:
     """Sample a source image from `noise` and capture its features: at each step i < max(n_f, n_a) the
     sites' outputs of both guidance halves, unconditional then conditional (docs/algorithm.md §4)."""
-    captures: list[dict[str, torch.Tensor]] = []
+    # Both guidance halves of a step, unconditional then conditional, are the step's two sources.
+    recorder = FeatureRecorder(resnet_steps, attention_steps, sources=2)
     capture_steps = max(resnet_steps, attention_steps)
 
     def denoise_and_capture(x: torch.Tensor, step: int) -> torch.Tensor:
@@ -160,9 +161,8 @@ def generate_source(
             return denoiser(x, step)
         with denoiser.unet.capturing() as captured:
             eps = denoiser(x, step)
-        captures.append(captured)
+        recorder.record(step, captured)
         return eps
 
     latent = sample(denoise_and_capture, noise.float(), denoiser.schedule, denoiser.timesteps, "generation")
-    stacked = {key: torch.stack([c[key] for c in captures]) for key in captures[0]} if captures else {}
-    return latent, SourceFeatures.keeping(stacked, resnet_steps, attention_steps)
+    return latent, recorder.features()

@@ -9,7 +9,7 @@ from diffusers import DDIMInverseScheduler
 from helpers import HORSE, SiteRecorder, config, reference_scheduler, site_features, source_latent
 
 from pnp import PnPEngine
-from pnp.injection import RESNET_KEY, attention_keys
+from pnp.injection import RESNET_KEY, FeatureRecorder, attention_keys
 from pnp.inversion import invert
 
 
@@ -75,3 +75,19 @@ def test_source_features_use_the_empty_prompt_whatever_the_inversion_prompt(engi
             cached = conditioned.features.features[key][step][0]
             torch.testing.assert_close(cached, seen[""][key][0], atol=1e-5, rtol=1e-5)
             assert not torch.allclose(cached, seen["a brown horse"][key][0], atol=1e-5), key
+
+
+def test_feature_recorder_keeps_exactly_the_injected_steps_of_each_call():
+    """Calls of 3 steps, 2 sources a step: the ResNet site keeps 4 steps, the attention sites 2; rows past
+    those are dropped, and the kept ones are copies in tensors of their final size."""
+    query = attention_keys()[0]
+    recorder = FeatureRecorder(resnet_steps=4, attention_steps=2, sources=2)
+    calls = [torch.arange(start * 2, (start + 3) * 2, dtype=torch.float32).reshape(6, 1) for start in (0, 3)]
+    for start, rows in zip((0, 3), calls):
+        recorder.record(start, {RESNET_KEY: rows, query: rows + 100})
+    calls[0].zero_()  # what was recorded does not alias the capture
+    features = recorder.features()
+    assert (features.resnet_steps, features.attention_steps) == (4, 2)
+    assert features.features[RESNET_KEY].squeeze(-1).tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert features.features[query].squeeze(-1).tolist() == [[100, 101], [102, 103]]
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in features.features.values())
