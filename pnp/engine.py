@@ -211,6 +211,8 @@ class PnPEngine:
         seed: int | None,
         stats: RunStats,
     ) -> PnPResult:
+        """One run of a checked request (the float32 retry is a second one)."""
+        # 1. Timesteps and text embeddings: E(""), the source's prompt, the targets, the negative prompt.
         num_steps = config.num_inference_steps
         timesteps = self.schedule.sampling_timesteps(num_steps)
         resnet_steps, attention_steps = config.feature_injection_steps, config.attention_injection_steps
@@ -223,6 +225,7 @@ class PnPEngine:
         def denoiser(prompts: PromptEmbeddings, scale: float, weights: list[float], injection: Injection | None) -> Denoiser:
             return Denoiser(self.unet, self.schedule, timesteps, prompts, scale, weights, batch_size, injection)
 
+        # 2. The source: generated with its features captured, or a real image's inversion and features.
         region = source_latent = None
         if prepared is None:
             logger.info("seed %d", seed)
@@ -244,6 +247,7 @@ class PnPEngine:
                 kept_latents = [entry.latents[t] for t in timesteps[1:]] + [entry.image_latent]
                 region = EditRegion.from_mask(pixel_mask, image_to_pixels(prepared), kept_latents)
 
+        # 3. Translation of x_T for every target prompt at once, with the source's features injected.
         weights = (
             negative_prompt_weights(config.negative_prompt_schedule, config.negative_prompt_alpha, num_steps)
             if negative
@@ -257,6 +261,7 @@ class PnPEngine:
         with self._phase(stats, "translation"):
             injection = Injection(source, resnet_steps, attention_steps)
             translated = translate(denoiser(prompts, config.scale, weights, injection), start, region)
+        # 4. Images: the generated source first, then one per prompt; with a mask, the input outside it.
         with self._phase(stats, "decode"):
             latents = translated if source_latent is None else torch.cat([source_latent, translated])
             pixels = decoded_to_pixels(self.model.decode_latents(latents, batch_size))

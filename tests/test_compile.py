@@ -89,3 +89,16 @@ def test_a_failing_compilation_falls_back_to_eager_with_a_warning(tiny_model_dir
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
     assert result.stats.unet_evals == 38
     torch._dynamo.reset()
+
+
+def test_setup_with_pnp_compile_warms_up_before_the_first_prediction(service, monkeypatch, pnp_logs):
+    # The warm-up itself is a default request at 512x512 (minutes on this CPU): recorded, not run.
+    warmed = []
+    monkeypatch.setattr(PnPEngine, "warm_up", lambda engine: warmed.append(engine))
+    for flag, compiled in (("0", False), ("1", True)):
+        monkeypatch.setenv("PNP_COMPILE", flag)
+        predictor = service.predict.Predictor()
+        predictor.setup()
+        assert predictor.engine.model.compiled is compiled
+        assert warmed == ([predictor.engine] if compiled else [])
+    assert "compiled and warmed up the UNet and VAE decoder" in pnp_logs.text
