@@ -3,7 +3,9 @@
 A `Compilable` runs its function eagerly until `compile` is called, then under torch.compile with
 `fullgraph=True` (a graph break is an error, not a silent split) and `dynamic=False` (one graph per
 shape: a request has few). Compilation happens on first use of each shape; if it fails, the function
-runs eagerly from then on and a warning says why, so a request never fails for it.
+runs eagerly from then on and a warning says why, so a request never fails for it. Past
+`COMPILED_GRAPHS_LIMIT` graphs (a service that meets many image sizes), calls of a new shape run
+eagerly while the shapes already compiled keep their graphs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 import torch._dynamo
+from torch._dynamo.exc import FailOnRecompileLimitHit
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,7 @@ class Compilable:
         self.function, self.name = function, name
         self._compiled: Callable[..., Any] | None = None
         self._eager = False
+        self._limit_reported = False
 
     def compile(self, backend: str | Callable = "inductor") -> None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
@@ -51,6 +55,16 @@ class Compilable:
         if self._compiled is not None and not self._eager:
             try:
                 return self._compiled(*args, **kwargs)
+            except FailOnRecompileLimitHit:
+                # With fullgraph=True, torch.compile raises instead of running a shape past its graph limit
+                # eagerly; it raises before running anything, so running the call eagerly is safe.
+                if not self._limit_reported:
+                    logger.warning(
+                        "the %s reached torch.compile's limit of %d graphs; new shapes run eagerly, compiled ones stay",
+                        self.name,
+                        torch._dynamo.config.recompile_limit,
+                    )
+                    self._limit_reported = True
             except torch._dynamo.exc.TorchDynamoException as error:
                 logger.warning("torch.compile of the %s failed (%s); it runs eagerly from now on", self.name, error)
                 self._compiled = None

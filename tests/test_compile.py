@@ -12,6 +12,7 @@ import torch
 from helpers import HORSE, config
 
 from pnp import ModelError, PnPEngine
+from pnp.compilation import Compilable
 from pnp.models import select_compile
 
 REQUESTS = [
@@ -59,6 +60,10 @@ def test_compiled_unet_has_no_graph_break_few_graphs_and_the_eager_images(tiny_m
         with compiled.model.in_float32():  # the retry runs both eagerly
             compiled(config(**REQUESTS[0]), HORSE)
         assert len(runs) == compiled_runs
+        after_retry = compiled(config(**REQUESTS[2]), HORSE)  # and the graphs serve again after it
+        assert len(runs) > compiled_runs
+        for a, b in zip(expected.images, after_retry.images, strict=True):  # `expected`: REQUESTS[2], eager
+            assert np.abs(np.asarray(a, int) - np.asarray(b, int)).max() <= 1
     # fullgraph=True: a graph break would have raised and fallen back to eager, with a warning.
     assert compiled.unet.run.compiled and compiled.model.decoder.compiled
     assert not [r for r in caplog.records if r.name == "pnp.compilation"]
@@ -102,3 +107,27 @@ def test_setup_with_pnp_compile_warms_up_before_the_first_prediction(service, mo
         assert predictor.engine.model.compiled is compiled
         assert warmed == ([predictor.engine] if compiled else [])
     assert "compiled and warmed up the UNet and VAE decoder" in pnp_logs.text
+
+
+def test_past_the_graph_limit_new_shapes_run_eagerly_and_compiled_ones_stay(monkeypatch, caplog):
+    layer = torch.nn.Linear(4, 3)
+    compilable, compiled_runs = Compilable(layer, "layer"), []
+
+    def counting_backend(graph, example_inputs):
+        def run(*args):
+            compiled_runs.append(next(a.shape[0] for a in args if a.dim() == 3))  # the input, not the weights
+            return graph.forward(*args)
+
+        return run
+
+    compilable.compile(backend=counting_backend)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    with caplog.at_level(logging.WARNING, logger="pnp.compilation"), torch.no_grad():
+        for rows in (1, 2, 3, 1, 3):
+            inputs = torch.randn(rows, 1, 4)
+            assert torch.allclose(compilable(inputs), layer(inputs))
+    assert compiled_runs == [1, 2, 1]  # 3 rows, past the limit, ran eagerly both times
+    assert compilable.compiled
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pnp.compilation"]
+    assert warnings == ["the layer reached torch.compile's limit of 2 graphs; new shapes run eagerly, compiled ones stay"]
+    torch._dynamo.reset()
