@@ -58,8 +58,8 @@ def test_benchmark_counts_follow_the_cost_model(tiny_model_dir: Path, tmp_path: 
 
 
 def test_a_subset_of_requests_runs_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
-    table = main(["--model", str(tiny_model_dir), "--image-size", "128", "--steps", "10", "--requests", "repeat-1,new-1",
-                  "--json", str(tmp_path / "results.json")])
+    arguments = ["--model", str(tiny_model_dir), "--image-size", "128", "--steps", "10", "--json", str(tmp_path / "r.json")]
+    table = main([*arguments, "--requests", "repeat-1,new-1"])
     assert [(r["request"], r["cache_hit"], r["unet_evals"]) for r in table["rows"]] == [
         ("new image", False, 50 + 8 + 20),
         ("repeat (cached)", True, 20),
