@@ -5,14 +5,15 @@ A `Compilable` runs its function eagerly until `compile` is called, then under t
 shape: a request has few). Compilation happens on first use of each shape; if it fails, the function
 runs eagerly from then on and a warning says why, so a request never fails for it. Past
 `COMPILED_GRAPHS_LIMIT` graphs (a service that meets many image sizes), calls of a new shape run
-eagerly while the shapes already compiled keep their graphs.
+eagerly while the shapes already compiled keep their graphs; after `stop_compiling` they all do, so
+that a service warmed up on its usual shapes never makes a request wait minutes for a compilation.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ class Compilable:
         self._compiled: Callable[..., Any] | None = None
         self._eager = False
         self._limit_reported = False
+        self._compiling = True
 
     def compile(self, backend: str | Callable = "inductor") -> None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
@@ -41,6 +43,11 @@ class Compilable:
     @property
     def compiled(self) -> bool:
         return self._compiled is not None
+
+    def stop_compiling(self) -> None:
+        """From now on a shape without a graph runs eagerly instead of compiling one; the graphs compiled
+        so far stay in use."""
+        self._compiling = False
 
     @contextmanager
     def eager(self) -> Iterator[None]:
@@ -54,7 +61,8 @@ class Compilable:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._compiled is not None and not self._eager:
             try:
-                return self._compiled(*args, **kwargs)
+                with nullcontext() if self._compiling else torch.compiler.set_stance("eager_on_recompile"):
+                    return self._compiled(*args, **kwargs)
             except FailOnRecompileLimitHit:
                 # With fullgraph=True, torch.compile raises instead of running a shape past its graph limit
                 # eagerly; it raises before running anything, so running the call eagerly is safe.

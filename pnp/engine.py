@@ -126,11 +126,15 @@ class PnPEngine:
         return cls(load_model(model, device, dtype, compile), **kwargs)
 
     def warm_up(self) -> None:
-        """Run a default request on a grey image, so that a compiled UNet has its graphs (and CUDA its
-        kernels) before the first real request; the cache is left as it was."""
+        """Prepare for serving: run a default request on a grey image, so that a compiled UNet and VAE
+        decoder have its graphs (and CUDA its kernels) before the first real request, then compile no
+        more. Requests of other shapes (another image size, more prompts, a negative prompt) run eagerly:
+        a compilation takes minutes on a GPU, and would stall the request that met the shape first. The
+        cache is left as it was."""
         size = INPUTS["image_size"].default
         entries = self.cache.items()
         self(PnPConfig(), Image.new("RGB", (size, size), (128, 128, 128)))
+        self.model.stop_compiling()
         self.cache.clear()
         for key, entry in entries:
             self.cache.put(key, entry)

@@ -65,6 +65,11 @@ class StableDiffusion:
     def compiled(self) -> bool:
         return self.sites.run.compiled or self.decoder.compiled
 
+    def stop_compiling(self) -> None:
+        """Compile no more graphs: shapes without one run eagerly (see `pnp.compilation`)."""
+        self.sites.run.stop_compiling()
+        self.decoder.stop_compiling()
+
     def use_channels_last(self) -> None:
         """Lay out the UNet's and the VAE's 4-D weights as NHWC (channels_last), which their convolutions'
         outputs then follow. The numbers are the same; whether it is faster depends on the GPU and its

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import HORSE, config
 
-from pnp import ModelError, PnPEngine
+from pnp import ModelError, PnPConfig, PnPEngine
 from pnp.compilation import Compilable
 from pnp.models import select_compile
 
@@ -109,7 +109,7 @@ def test_setup_with_pnp_compile_warms_up_before_the_first_prediction(service, mo
     assert "compiled and warmed up the UNet and VAE decoder" in pnp_logs.text
 
 
-def test_past_the_graph_limit_new_shapes_run_eagerly_and_compiled_ones_stay(monkeypatch, caplog):
+def test_past_the_graph_limit_new_shapes_run_eagerly_and_compiled_ones_stay(caplog):
     layer = torch.nn.Linear(4, 3)
     compilable, compiled_runs = Compilable(layer, "layer"), []
 
@@ -121,8 +121,9 @@ def test_past_the_graph_limit_new_shapes_run_eagerly_and_compiled_ones_stay(monk
         return run
 
     compilable.compile(backend=counting_backend)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    with caplog.at_level(logging.WARNING, logger="pnp.compilation"), torch.no_grad():
+    # torch's own patch: pytest's monkeypatch deletes a torch config entry when it restores it.
+    limit = torch._dynamo.config.patch(recompile_limit=2)
+    with limit, caplog.at_level(logging.WARNING, logger="pnp.compilation"), torch.no_grad():
         for rows in (1, 2, 3, 1, 3):
             inputs = torch.randn(rows, 1, 4)
             assert torch.allclose(compilable(inputs), layer(inputs))
@@ -130,4 +131,46 @@ def test_past_the_graph_limit_new_shapes_run_eagerly_and_compiled_ones_stay(monk
     assert compilable.compiled
     warnings = [r.getMessage() for r in caplog.records if r.name == "pnp.compilation"]
     assert warnings == ["the layer reached torch.compile's limit of 2 graphs; new shapes run eagerly, compiled ones stay"]
+    torch._dynamo.reset()
+
+
+def test_after_stop_compiling_new_shapes_run_eagerly_and_compiled_ones_stay():
+    layer = torch.nn.Linear(4, 3)
+    compilable, graphs = Compilable(layer, "layer"), []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compilable.compile(backend=counting_backend)
+    with torch.no_grad():
+        compilable(torch.randn(1, 1, 4))
+        compilable.stop_compiling()
+        for rows in (2, 1, 3):
+            inputs = torch.randn(rows, 1, 4)
+            assert torch.allclose(compilable(inputs), layer(inputs))
+    assert len(graphs) == 1 and compilable.compiled
+    torch._dynamo.reset()
+
+
+def test_warm_up_runs_a_default_request_then_compiles_no_more_and_keeps_the_cache(tiny_model_dir, monkeypatch):
+    engine = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")
+    reference = engine(config(), HORSE)
+    cached = engine.cache.items()
+    graphs, warm_up_requests = [], []
+    engine.model.compile(backend=lambda graph, example_inputs: graphs.append(graph) or graph.forward)
+
+    def default_request(self, request, image):  # a real one takes minutes at 512x512 on this CPU
+        warm_up_requests.append((request, image.size))
+        self.cache.clear()
+
+    with monkeypatch.context() as patched:
+        patched.setattr(PnPEngine, "__call__", default_request)
+        engine.warm_up()
+    assert warm_up_requests == [(PnPConfig(), (512, 512))]
+    assert engine.cache.items() == cached
+    # Nothing was compiled in the warm-up (it was not run), and nothing is compiled after it.
+    result = engine(config(), HORSE)
+    assert graphs == [] and engine.model.compiled
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(reference.images[0]))
     torch._dynamo.reset()
