@@ -109,25 +109,35 @@ def test_setup_with_pnp_compile_warms_up_before_the_first_prediction(service, mo
     assert "compiled and warmed up the UNet and VAE decoder" in pnp_logs.text
 
 
-def test_past_the_graph_limit_new_shapes_run_eagerly_and_compiled_ones_stay(caplog):
+def compiled_layer() -> tuple[torch.nn.Linear, Compilable, list[int]]:
+    """A small layer, its Compilable (compiled) and the rows of every call that ran a compiled graph."""
     layer = torch.nn.Linear(4, 3)
-    compilable, compiled_runs = Compilable(layer, "layer"), []
+    compilable, compiled_rows = Compilable(layer, "layer"), []
 
     def counting_backend(graph, example_inputs):
         def run(*args):
-            compiled_runs.append(next(a.shape[0] for a in args if a.dim() == 3))  # the input, not the weights
+            compiled_rows.append(next(a.shape[0] for a in args if a.dim() == 3))  # the input, not the weights
             return graph.forward(*args)
 
         return run
 
     compilable.compile(backend=counting_backend)
+    return layer, compilable, compiled_rows
+
+
+def run_rows(layer: torch.nn.Linear, compilable: Compilable, rows: int) -> None:
+    inputs = torch.randn(rows, 1, 4)
+    with torch.no_grad():
+        assert torch.allclose(compilable(inputs), layer(inputs))
+
+
+def test_past_the_graph_limit_new_shapes_run_eagerly_and_compiled_ones_stay(caplog):
+    layer, compilable, compiled_rows = compiled_layer()
     # torch's own patch: pytest's monkeypatch deletes a torch config entry when it restores it.
-    limit = torch._dynamo.config.patch(recompile_limit=2)
-    with limit, caplog.at_level(logging.WARNING, logger="pnp.compilation"), torch.no_grad():
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level(logging.WARNING, logger="pnp.compilation"):
         for rows in (1, 2, 3, 1, 3):
-            inputs = torch.randn(rows, 1, 4)
-            assert torch.allclose(compilable(inputs), layer(inputs))
-    assert compiled_runs == [1, 2, 1]  # 3 rows, past the limit, ran eagerly both times
+            run_rows(layer, compilable, rows)
+    assert compiled_rows == [1, 2, 1]  # 3 rows, past the limit, ran eagerly both times
     assert compilable.compiled
     warnings = [r.getMessage() for r in caplog.records if r.name == "pnp.compilation"]
     assert warnings == ["the layer reached torch.compile's limit of 2 graphs; new shapes run eagerly, compiled ones stay"]
@@ -135,21 +145,12 @@ def test_past_the_graph_limit_new_shapes_run_eagerly_and_compiled_ones_stay(capl
 
 
 def test_after_stop_compiling_new_shapes_run_eagerly_and_compiled_ones_stay():
-    layer = torch.nn.Linear(4, 3)
-    compilable, graphs = Compilable(layer, "layer"), []
-
-    def counting_backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    compilable.compile(backend=counting_backend)
-    with torch.no_grad():
-        compilable(torch.randn(1, 1, 4))
-        compilable.stop_compiling()
-        for rows in (2, 1, 3):
-            inputs = torch.randn(rows, 1, 4)
-            assert torch.allclose(compilable(inputs), layer(inputs))
-    assert len(graphs) == 1 and compilable.compiled
+    layer, compilable, compiled_rows = compiled_layer()
+    run_rows(layer, compilable, 1)
+    compilable.stop_compiling()
+    for rows in (2, 1, 3):
+        run_rows(layer, compilable, rows)
+    assert compiled_rows == [1, 1] and compilable.compiled
     torch._dynamo.reset()
 
 
