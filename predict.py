@@ -50,7 +50,10 @@ class Predictor(BaseRunner):
             # PNP_COMPILE=1: compile the default request's graphs now, not in the first prediction.
             start = time.perf_counter()
             self.engine.warm_up()
-            logger.info("compiled and warmed up the UNet and VAE decoder in %.1f s", time.perf_counter() - start)
+            logger.info(
+                "compiled the UNet and VAE decoder for the default request in %.1f s; other shapes run eagerly",
+                time.perf_counter() - start,
+            )
         self._last_output_dir: str | None = None
 
     def run(

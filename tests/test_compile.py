@@ -106,7 +106,7 @@ def test_setup_with_pnp_compile_warms_up_before_the_first_prediction(service, mo
         predictor.setup()
         assert predictor.engine.model.compiled is compiled
         assert warmed == ([predictor.engine] if compiled else [])
-    assert "compiled and warmed up the UNet and VAE decoder" in pnp_logs.text
+    assert "compiled the UNet and VAE decoder for the default request" in pnp_logs.text
 
 
 def compiled_layer() -> tuple[torch.nn.Linear, Compilable, list[int]]:
