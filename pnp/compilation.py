@@ -3,10 +3,11 @@
 A `Compilable` runs its function eagerly until `compile` is called, then under torch.compile with
 `fullgraph=True` (a graph break is an error, not a silent split) and `dynamic=False` (one graph per
 shape: a request has few). Compilation happens on first use of each shape; if it fails, the function
-runs eagerly from then on and a warning says why, so a request never fails for it. Past
-`COMPILED_GRAPHS_LIMIT` graphs (a service that meets many image sizes), calls of a new shape run
-eagerly while the shapes already compiled keep their graphs; after `stop_compiling` they all do, so
-that a service warmed up on its usual shapes never makes a request wait minutes for a compilation.
+runs eagerly from then on and a warning says why, so a request never fails for it. After
+`stop_compiling`, a shape without a graph runs eagerly while the shapes already compiled keep their
+graphs: so a service warmed up on its usual shapes never makes a request wait minutes for a
+compilation, and so a function that reaches `COMPILED_GRAPHS_LIMIT` graphs (a service that meets many
+image sizes) goes on.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ class Compilable:
         self.function, self.name = function, name
         self._compiled: Callable[..., Any] | None = None
         self._eager = False
-        self._limit_reported = False
         self._compiling = True
 
     def compile(self, backend: str | Callable = "inductor") -> None:
@@ -64,15 +64,14 @@ class Compilable:
                 with nullcontext() if self._compiling else torch.compiler.set_stance("eager_on_recompile"):
                     return self._compiled(*args, **kwargs)
             except FailOnRecompileLimitHit:
-                # With fullgraph=True, torch.compile raises instead of running a shape past its graph limit
-                # eagerly; it raises before running anything, so running the call eagerly is safe.
-                if not self._limit_reported:
-                    logger.warning(
-                        "the %s reached torch.compile's limit of %d graphs; new shapes run eagerly, compiled ones stay",
-                        self.name,
-                        torch._dynamo.config.recompile_limit,
-                    )
-                    self._limit_reported = True
+                # With fullgraph=True, torch.compile raises at its graph limit instead of running the new
+                # shape eagerly; it raises before running anything, so running the call eagerly is safe.
+                logger.warning(
+                    "the %s reached torch.compile's limit of %d graphs; new shapes run eagerly, compiled ones stay",
+                    self.name,
+                    torch._dynamo.config.recompile_limit,
+                )
+                self.stop_compiling()
             except torch._dynamo.exc.TorchDynamoException as error:
                 logger.warning("torch.compile of the %s failed (%s); it runs eagerly from now on", self.name, error)
                 self._compiled = None
