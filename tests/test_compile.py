@@ -64,6 +64,12 @@ def test_compiled_unet_has_no_graph_break_few_graphs_and_the_eager_images(tiny_m
         assert len(runs) > compiled_runs
         for a, b in zip(expected.images, after_retry.images, strict=True):  # `expected`: REQUESTS[2], eager
             assert np.abs(np.asarray(a, int) - np.asarray(b, int)).max() <= 1
+        # Once compiling stops (a service after its warm-up), the shapes seen still run their graphs: every
+        # call of a new image's request, 10 inversion, 1 extraction and 10 translation calls and 1 decoding.
+        compiled.model.stop_compiling()
+        before = len(runs)
+        compiled(config(**REQUESTS[0], inversion_prompt="a new cache entry"), HORSE)
+        assert len(runs) - before == 10 + 1 + 10 + 1
     # fullgraph=True: a graph break would have raised and fallen back to eager, with a warning.
     assert compiled.unet.run.compiled and compiled.model.decoder.compiled
     assert not [r for r in caplog.records if r.name == "pnp.compilation"]
