@@ -1,8 +1,8 @@
 """The command line: `python -m pnp IMAGE "prompt one; prompt two" --out DIR [--mask PATH] [--config PRESET] [--INPUT VALUE ...]`.
 
-With `--generation_prompt TEXT` the image is left out and the source is generated. Every public input
-is an option of the same name; a preset (a YAML file or a name in configs/) gives the values that
-are not on the command line.
+With `--generation_prompt TEXT` (or a preset that sets it) the image is left out and the source is
+generated. Every public input is an option of the same name; a preset (a YAML file or a name in
+configs/) gives the values that are not on the command line.
 """
 
 from __future__ import annotations
@@ -51,17 +51,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = {name: getattr(args, name) for name in INPUTS if getattr(args, name, None) is not None}
-    generating = bool(overrides.get("generation_prompt"))
-    expected = 1 if generating else 2
-    if len(args.inputs) != expected:
-        usage = "PROMPTS (the source is generated)" if generating else "IMAGE PROMPTS"
-        print(f"error: expected {usage}, got {len(args.inputs)} positional arguments", file=sys.stderr)
-        return 2
     overrides["translation_prompts"] = args.inputs[-1]
     try:
         config = load_preset(args.config, overrides) if args.config else PnPConfig.from_mapping(overrides)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    # Whether an image comes first is the config's to say: a preset may carry the generation prompt.
+    expected = 1 if config.generation_mode else 2
+    if len(args.inputs) != expected:
+        usage = "PROMPTS (the source is generated)" if config.generation_mode else "IMAGE PROMPTS"
+        print(f"error: expected {usage}, got {len(args.inputs)} positional arguments", file=sys.stderr)
+        return 2
+    try:
         engine = PnPEngine.from_pretrained(args.model, args.device, args.dtype)
-        result = engine(config, None if generating else args.inputs[0], mask=args.mask)
+        result = engine(config, None if config.generation_mode else args.inputs[0], mask=args.mask)
     except (InputError, ModelError, NonFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -49,6 +49,16 @@ def test_generation_form_writes_the_source_first_and_prints_the_seed(tiny_model_
     assert "seed: 5" in printed
 
 
+def test_a_preset_with_a_generation_prompt_takes_the_prompts_alone(tiny_model_dir, tmp_path, capsys):
+    code = main(["a zebra", "--config", "generated", "--out", str(tmp_path), "--model", str(tiny_model_dir), *FAST])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-0.png", "out-1.png"]
+    assert "seed: 0" in capsys.readouterr().out  # the preset's seed
+    # An image as well is one positional argument too many for that preset.
+    assert main([str(HORSE), "a zebra", "--config", "generated", "--out", str(tmp_path), *FAST]) == 2
+    assert "expected PROMPTS (the source is generated)" in capsys.readouterr().err
+
+
 def test_bad_input_is_an_error_naming_it(tiny_model_dir, tmp_path, capsys):
     code = main([str(HORSE), "a cat", "--out", str(tmp_path), "--model", str(tiny_model_dir), "--scale", "99", *FAST])
     assert code == 1
