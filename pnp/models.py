@@ -88,10 +88,11 @@ class StableDiffusion:
         dtype), and in their own dtype again after it."""
         original = self.dtype
         modules = (self.unet, self.vae, self.text_encoder)
-        for module in modules:
-            module.to(torch.float32)
-        self.dtype = torch.float32
         try:
+            # Inside the `try`: a conversion that fails halfway (float32 doubles the weights' memory) is undone.
+            for module in modules:
+                module.to(torch.float32)
+            self.dtype = torch.float32
             with self.sites.run.eager(), self.decoder.eager():
                 yield
         finally:

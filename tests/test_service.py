@@ -108,6 +108,29 @@ def test_non_finite_in_bfloat16_is_retried_in_float32(service, bf16_engine, monk
     assert model_dtypes(bf16_engine) == {torch.bfloat16}  # back in its own dtype
 
 
+def test_a_retry_without_memory_for_float32_leaves_the_model_in_its_own_dtype(service, bf16_engine, monkeypatch):
+    """The float32 weights do not fit (the VAE's conversion fails after the UNet's): the request fails
+    with that error, and the service serves the next request in bfloat16."""
+    monkeypatch.setattr(service.predictor, "engine", bf16_engine)
+    vae, convert = bf16_engine.model.vae, bf16_engine.model.vae.to
+
+    def out_of_memory_in_float32(*args, **kwargs):
+        if torch.float32 in args:
+            raise torch.OutOfMemoryError("no memory for the float32 weights")
+        return convert(*args, **kwargs)
+
+    handle = bf16_engine.model.unet.register_forward_hook(nan_unet_hook({}, only_below_float32=True))
+    vae.to = out_of_memory_in_float32
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            service.predictor.run(**inputs(generation_prompt="a horse", seed=5))
+    finally:
+        del vae.to
+        handle.remove()
+    assert model_dtypes(bf16_engine) == {torch.bfloat16}
+    assert sizes(service.predictor.run(**inputs(generation_prompt="a horse", seed=5))) == [(128, 128)] * 2
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["real", "generation"])
 def test_non_finite_everywhere_is_an_error_not_a_black_image(service, bf16_engine, monkeypatch, dtype, mode):
