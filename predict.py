@@ -169,6 +169,7 @@ class Predictor(BaseRunner):
         # The prediction's metrics in the API response, beside Cog's own predict_time.
         self.record_metric("unet_evals", result.stats.unet_evals)
         self.record_metric("cache_hit", result.stats.cache_hit)
+        self.record_metric("float32_retry", result.stats.float32_retry)
         for name, phase in result.stats.phases.items():
             self.record_metric(f"phases.{name}", {"seconds": round(phase.seconds, 4), "unet_evals": phase.unet_evals})
 

@@ -55,10 +55,13 @@ class PhaseStats:
 
 @dataclass
 class RunStats:
-    """Seconds and UNet evaluations (latents through the UNet, counted as they run) per phase."""
+    """Seconds and UNet evaluations (latents through the UNet, counted as they run) per phase.
+
+    After a float32 retry they are both runs' together: what the request cost."""
 
     phases: dict[str, PhaseStats] = field(default_factory=lambda: {name: PhaseStats() for name in PHASES})
     cache_hit: bool = False
+    float32_retry: bool = False
 
     @property
     def seconds(self) -> float:
@@ -70,7 +73,8 @@ class RunStats:
 
     def summary(self) -> str:
         lines = [f"{name:<12} {p.seconds:8.2f} s {p.unet_evals:6d} UNet evals" for name, p in self.phases.items()]
-        lines.append(f"{'total':<12} {self.seconds:8.2f} s {self.unet_evals:6d} UNet evals" + (" (cached inversion)" if self.cache_hit else ""))
+        notes = [note for note, applies in (("cached inversion", self.cache_hit), ("float32 retry", self.float32_retry)) if applies]
+        lines.append(f"{'total':<12} {self.seconds:8.2f} s {self.unet_evals:6d} UNet evals" + (f" ({', '.join(notes)})" if notes else ""))
         return "\n".join(lines)
 
 
@@ -204,6 +208,7 @@ class PnPEngine:
             if self.model.dtype == torch.float32:
                 raise
             logger.warning("%s in %s; running the request again in float32", error, self.model.dtype)
+            stats.float32_retry = True
             with self.model.in_float32():
                 return self._run(config, prepared, pixel_mask, seed, stats)
 

@@ -135,9 +135,13 @@ def test_the_float32_retry_serves_later_half_precision_requests(bf16_engine: PnP
     retries = [r for r in pnp_logs.records if r.name == "pnp.engine" and r.levelno == logging.WARNING]
     assert any("float32" in r.getMessage() for r in retries)
     assert model_dtypes(bf16_engine) == {torch.bfloat16}  # back in its own dtype
+    # The stats are the request's cost: both runs, the retry's inversion after the failed one.
+    assert result.stats.float32_retry and result.stats.phases["inversion"].unet_evals == 2 * 10
+    assert "float32 retry" in result.stats.summary().splitlines()[-1]
     (key,) = [key for key, _ in entries_for(bf16_engine, "retried once")]
     assert key.dtype == "torch.float32"
     # The next bfloat16 request reuses the float32 inversion instead of failing its own first.
     stats = bf16_engine(request.replace(translation_prompts="a zebra"), HORSE).stats
     assert stats.cache_hit and stats.unet_evals == stats.phases["translation"].unet_evals == 20
+    assert not stats.float32_retry
     assert model_dtypes(bf16_engine) == {torch.bfloat16}
