@@ -117,7 +117,7 @@ class Predictor(BaseRunner):
         ),
         inversion_prompt: str = Input(
             default="",
-            description="Text that conditions the inversion of the input image and its source features.",
+            description="Text that conditions the DDIM inversion of the input image (the source features always use the empty prompt).",
         ),
         image_size: int = Input(
             default=512,

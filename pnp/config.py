@@ -1,9 +1,11 @@
 """The request configuration: the public inputs, their types and bounds, presets, and validation.
 
 `INPUTS` defines each of the engine's inputs once. `PnPConfig` takes its fields and defaults from it
-and checks every field when it is constructed, so no invalid config exists and each input is checked
-in one place, whichever interface (the Cog predictor, the command line, the Python API) builds it. A
-bad input is refused with an `InputError` that names it and what is allowed.
+and checks every field when it is constructed, so each input is checked in one place, whichever
+interface (the Cog predictor, the command line, the Python API) builds it. What needs the model's
+scheduler (the step counts against its training timesteps, and the inversion steps against the
+sampling steps) the engine checks, before any UNet evaluation. A bad input is refused with an
+`InputError` that names it and what is allowed.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ INPUTS: dict[str, InputSpec] = {
         choices=tuple(NEGATIVE_PROMPT_SCHEDULES),
     ),
     "inversion_prompt": InputSpec(
-        str, "", "Text that conditions the inversion of the input image and its source features."
+        str, "", "Text that conditions the DDIM inversion of the input image (the source features always use the empty prompt)."
     ),
     "image_size": InputSpec(
         int,

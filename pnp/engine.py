@@ -1,7 +1,8 @@
 """The engine: one request, from its validated config and image to the translated images and their stats.
 
 request -> image and latent -> inversion (cached) -> source features (cached) -> translation -> images.
-The Cog predictor, the command line and the benchmark all drive `PnPEngine` and nothing below it.
+The Cog predictor, the command line and the benchmark all drive `PnPEngine`; below it they touch only
+the loaded model's switches (`engine.model`: compile, channels_last) and the cache's `clear`.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ class PnPEngine:
         unconditional, source_text = embeddings[:1], embeddings[1:2]
         batch_size = self._batch_size(*(prepared.size if prepared is not None else (config.image_size,) * 2))
 
-        def denoiser(prompts: PromptEmbeddings, scale: float, weights: list[float], injection: Injection | None) -> Denoiser:
+        def make_denoiser(prompts: PromptEmbeddings, scale: float, weights: list[float], injection: Injection | None) -> Denoiser:
             return Denoiser(self.unet, self.schedule, timesteps, prompts, scale, weights, batch_size, injection)
 
         # 2. The source: generated with its features captured, or a real image's inversion and features.
@@ -244,10 +245,10 @@ class PnPEngine:
                 dtype=torch.float32,
             ).to(self.model.device, self.model.dtype)
             with self._phase(stats, "extraction"):
-                generator = denoiser(
+                source_denoiser = make_denoiser(
                     PromptEmbeddings(unconditional, targets=source_text), GENERATION_GUIDANCE_SCALE, [1.0] * num_steps, None
                 )
-                source_latent, source = generate_source(generator, noise, resnet_steps, attention_steps)
+                source_latent, source = generate_source(source_denoiser, noise, resnet_steps, attention_steps)
             start = noise
         else:
             entry = self._source_entry(config, prepared, timesteps, source_text, unconditional, batch_size, stats)
@@ -269,7 +270,7 @@ class PnPEngine:
         )
         with self._phase(stats, "translation"):
             injection = Injection(source, resnet_steps, attention_steps)
-            translated = translate(denoiser(prompts, config.scale, weights, injection), start, region)
+            translated = translate(make_denoiser(prompts, config.scale, weights, injection), start, region)
         # 4. Images: the generated source first, then one per prompt; with a mask, the input outside it.
         with self._phase(stats, "decode"):
             latents = translated if source_latent is None else torch.cat([source_latent, translated])

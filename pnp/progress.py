@@ -24,6 +24,7 @@ def progress(total: int, phase: str) -> Iterator[int]:
         return
     for step in range(total):
         yield step
-        # Reached when the loop comes back for the next step, so the step has finished.
+        # Reached when the loop comes back for the next step: the step's work is queued, and on a GPU may
+        # still be running (a phase's seconds are taken after a synchronisation, these lines are not).
         if (step + 1) % LOG_EVERY == 0 or step + 1 == total:
             logger.info("%s step %d/%d", phase, step + 1, total)
