@@ -127,9 +127,7 @@ NEGATIVE_PROMPT_SCHEDULES: dict[str, Callable[[int, int], float]] = {
 
 
 def negative_prompt_weights(schedule: str, alpha: float, num_steps: int) -> list[float]:
-    """a_i = alpha * s_i (docs/algorithm.md §6): the weight of the unconditional branch against the negative one."""
-    if schedule not in NEGATIVE_PROMPT_SCHEDULES:
-        choices = ", ".join(NEGATIVE_PROMPT_SCHEDULES)
-        raise InputError("negative_prompt_schedule", f"must be one of {choices}; got {schedule!r}")
+    """a_i = alpha * s_i (docs/algorithm.md §6): the weight of the unconditional branch against the negative one.
+    `schedule` is a key of `NEGATIVE_PROMPT_SCHEDULES`, as `PnPConfig` checks."""
     last = max(num_steps - 1, 1)
     return [alpha * NEGATIVE_PROMPT_SCHEDULES[schedule](i, last) for i in range(num_steps)]
