@@ -19,6 +19,8 @@ REQUESTS = [
     {"translation_prompts": "a robot horse"},
     {"translation_prompts": "a zebra; a cat; a dog; a lego horse"},
     {"translation_prompts": "a robot horse", "negative_prompt": "a horse", "negative_prompt_alpha": 0.5},
+    # A generated source: its features captured by compiled calls, then laid out one row per latent.
+    {"generation_prompt": "a horse", "seed": 3, "translation_prompts": "a zebra; a cat; a dog"},
 ]
 
 
@@ -35,7 +37,7 @@ def test_pnp_compile_is_read_from_the_environment(monkeypatch):
 def test_compiled_unet_has_no_graph_break_few_graphs_and_the_eager_images(tiny_model_dir, caplog):
     eager = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu", compile=False)
     compiled = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu", compile=False)
-    graphs, runs = [], []
+    graphs, runs, eager_images = [], [], []
 
     def counting_backend(graph, example_inputs):
         graphs.append(graph)
@@ -51,6 +53,7 @@ def test_compiled_unet_has_no_graph_break_few_graphs_and_the_eager_images(tiny_m
         for values in REQUESTS:
             request = config(**values)
             expected, result = eager(request, HORSE), compiled(request, HORSE)
+            eager_images.append(expected.images)
             for a, b in zip(expected.images, result.images, strict=True):
                 assert np.abs(np.asarray(a, int) - np.asarray(b, int)).max() <= 1
             assert result.stats.unet_evals == expected.stats.unet_evals
@@ -62,7 +65,7 @@ def test_compiled_unet_has_no_graph_break_few_graphs_and_the_eager_images(tiny_m
         assert len(runs) == compiled_runs
         after_retry = compiled(config(**REQUESTS[2]), HORSE)  # and the graphs serve again after it
         assert len(runs) > compiled_runs
-        for a, b in zip(expected.images, after_retry.images, strict=True):  # `expected`: REQUESTS[2], eager
+        for a, b in zip(eager_images[2], after_retry.images, strict=True):
             assert np.abs(np.asarray(a, int) - np.asarray(b, int)).max() <= 1
         # Once compiling stops (a service after its warm-up), the shapes seen still run their graphs: every
         # call of a new image's request, 10 inversion, 1 extraction and 10 translation calls and 1 decoding.
@@ -75,8 +78,9 @@ def test_compiled_unet_has_no_graph_break_few_graphs_and_the_eager_images(tiny_m
     assert not [r for r in caplog.records if r.name == "pnp.compilation"]
     assert len(graphs) == first_pass
     # UNet: batch sizes x injection patterns: inversion (1), extraction (8), translation (2, 8, then 2 and
-    # 3 with the negative branch), each with ResNet and attention, ResNet only, or nothing injected.
-    # VAE decoder: 1 and 4 images.
+    # 3 with the negative branch, then 6 with a generated source's rows), each with ResNet and attention,
+    # ResNet only, or nothing injected, and the generation's 2 with and without capture. VAE decoder: 1 and
+    # 4 images.
     assert 7 <= first_pass <= 20, first_pass
     decoder_graphs = [g for g in graphs if "post_quant_conv" in g.code]  # the VAE decoder's first layer
     assert len(decoder_graphs) == 2 and first_pass - 2 >= 5
