@@ -1,8 +1,9 @@
 """The engine: one request, from its validated config and image to the translated images and their stats.
 
 request -> image and latent -> inversion (cached) -> source features (cached) -> translation -> images.
-The Cog predictor, the command line and the benchmark all drive `PnPEngine`; below it they touch only
-the loaded model's switches (`engine.model`: compile, channels_last) and the cache's `clear`.
+The Cog predictor, the command line and the benchmark all drive `PnPEngine`. Below it, the predictor's
+setup and the benchmark use only the loaded model's switches (device, dtype, compiled, channels_last)
+and clear the cache.
 """
 
 from __future__ import annotations
