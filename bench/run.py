@@ -154,7 +154,7 @@ def run_request(engine: PnPEngine, request: Request) -> tuple[dict[str, Any], li
     ours, published = result.stats.unet_evals, published_evals(len(config.translation_prompts))
     row = {
         "request": request.name,
-        "unet": "compiled" if engine.unet.run.compiled else "eager",
+        "mode": "compiled" if engine.model.compiled else "eager",
         "prompts": len(config.translation_prompts),
         "cache_hit": result.stats.cache_hit,
         **{f"{name}_s": result.stats.phases[name].seconds for name in PHASES},
@@ -198,7 +198,7 @@ def max_pixel_difference(images: list[Image.Image], reference: list[Image.Image]
 
 COLUMNS = [
     ("request", "request", "{:<16}"),
-    ("unet", "UNet", "{:<8}"),
+    ("mode", "mode", "{:<8}"),
     ("prompts", "P", "{:>2}"),
     ("cache_hit", "cache", "{!s:>5}"),
     *[(f"{name}_s", name, "{:>11.2f}") for name in PHASES],
@@ -247,7 +247,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="run the requests eagerly, then with the UNet under torch.compile, and print both (compile time apart)",
+        help="run the requests eagerly, then with the UNet and the VAE decoder under torch.compile, and print both "
+        "(compile time apart)",
     )
     args = parser.parse_args(argv)
     for key in args.requests:
@@ -310,14 +311,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else "process peak RSS (a high-water mark of the whole process, never goes down)",
         "warm-up": "each request once, unreported, first" if device.type == "cuda" else "none (CPU)",
     }
-    if args.compile and engine.unet.run.compiled:
+    if args.compile and engine.model.compiled:
         difference = max(row["max_pixel_diff_vs_eager"] for row in compiled_rows)
         header["compile"] = (
             f"{compile_seconds:.1f} s to compile and run every request once (unreported); "
             f"compiled images differ from eager ones by at most {difference} grey levels"
         )
     elif args.compile:
-        header["compile"] = "torch.compile failed, the UNet fell back to eager (see the warning above)"
+        header["compile"] = "torch.compile failed: the UNet and the VAE decoder fell back to eager (see the warning above)"
     if device.type == "cpu":
         header["load average"] = " ".join(f"{load:.1f}" for load in os.getloadavg()) + " (1, 5, 15 min; after the run)"
     if tiny:

@@ -1,18 +1,25 @@
 """The cache of inversions: per image and inversion settings, the source latents and features, LRU by bytes.
 
-An entry is put only once complete, so a request that fails or is cancelled half-way never leaves a
-partial one behind; a request that injects more steps of features than an entry holds replaces it.
+`SourceCache.get_or_compute` is the whole policy (docs/cost-model.md §2): an entry left by a float32
+retry serves half-precision requests too; an entry with features for fewer steps than a request injects
+is widened, its latents reused; and an entry is stored only once complete and finite, so a request that
+fails or is cancelled half-way never leaves a partial one behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
+from PIL import Image
 
-from .injection import SourceFeatures
+from .config import PnPConfig
+from .errors import NonFiniteError
+from .injection import InjectionSteps, SourceFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +36,20 @@ class SourceKey:
     ddim_inversion_steps: int
     num_inference_steps: int
     inversion_prompt: str
+
+    @classmethod
+    def of(cls, model: str, dtype: torch.dtype, image: Image.Image, config: PnPConfig) -> SourceKey:
+        """The key of `image` (at its working size) inverted by `model` in `dtype` as `config` asks."""
+        return cls(
+            model=model,
+            dtype=str(dtype),
+            image_digest=hashlib.sha256(image.tobytes()).hexdigest(),
+            width=image.width,
+            height=image.height,
+            ddim_inversion_steps=config.ddim_inversion_steps,
+            num_inference_steps=config.num_inference_steps,
+            inversion_prompt=config.inversion_prompt,
+        )
 
 
 @dataclass(frozen=True)
@@ -90,3 +111,27 @@ class SourceCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def get_or_compute(
+        self,
+        key: SourceKey,
+        steps: InjectionSteps,
+        compute: Callable[[SourceEntry | None, InjectionSteps], SourceEntry],
+    ) -> tuple[SourceEntry, bool]:
+        """The entry of `key` whose features cover `steps`, and whether one was found (a cache hit).
+
+        Missing, `compute(None, steps)` makes it. One that holds features for fewer steps is widened by
+        `compute(entry, widened)`, which reuses the entry's latents and extracts features for the longer of
+        both lengths, so that requests that alternate between them find theirs next time. What `compute`
+        returns is stored, unless it holds a NaN or infinity (then `NonFiniteError`).
+        """
+        # A float32 entry, left by the float32 retry of a request whose half-precision run failed, serves
+        # half-precision requests too: their own inversion of the image would most likely fail again.
+        entry = self.get(key) or self.get(replace(key, dtype=str(torch.float32)))
+        if entry is not None and entry.features.steps.covers(steps):
+            return entry, True
+        computed = compute(entry, steps if entry is None else steps.union(entry.features.steps))
+        if not computed.is_finite():
+            raise NonFiniteError("the inversion of the image produced NaN or infinite values")
+        self.put(key, computed)
+        return computed, entry is not None

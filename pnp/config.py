@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from .errors import InputError
+from .injection import InjectionSteps
 from .schedules import NEGATIVE_PROMPT_SCHEDULES
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -227,6 +228,11 @@ class PnPConfig:
     def attention_injection_steps(self) -> int:
         """n_a: self-attention queries and keys are injected at sampling steps i < n_a."""
         return int(self.num_inference_steps * self.attention_injection_threshold)
+
+    @property
+    def injection_steps(self) -> InjectionSteps:
+        """n_f and n_a together."""
+        return InjectionSteps(self.feature_injection_steps, self.attention_injection_steps)
 
     def replace(self, **changes: Any) -> PnPConfig:
         """A copy with `changes`; unlike `dataclasses.replace`, an unknown name is an InputError."""

@@ -1,22 +1,22 @@
 """The engine: one request, from its validated config and image to the translated images and their stats.
 
-request -> image and latent -> inversion (cached) -> source features (cached) -> translation -> images.
-The Cog predictor, the command line and the benchmark all drive `PnPEngine`. Below it, the predictor's
-setup and the benchmark use only the loaded model's switches (device, dtype, compiled, channels_last)
-and clear the cache.
+`PnPEngine.__call__` follows docs/algorithm.md step by step: check the inputs (every refusal, before any
+UNet work), encode the prompts, prepare the source (a real image's inversion and features, cached, or a
+generated image and its features), translate, decode. The Cog predictor, the command line and the
+benchmark all drive `PnPEngine`. Below it, the predictor's setup and the benchmark use only the loaded
+model's switches (device, dtype, compiled, channels_last) and clear the cache.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from PIL import Image
@@ -24,25 +24,18 @@ from PIL import Image
 from .cache import SourceCache, SourceEntry, SourceKey
 from .config import INPUTS, PnPConfig
 from .errors import InputError, ModelError, NonFiniteError
-from .image_io import (
-    ImageSource,
-    decoded_to_pixels,
-    image_to_pixels,
-    image_to_tensor,
-    load_image,
-    load_mask,
-    pixels_to_images,
-    prepare_image,
-)
+from .image_io import ImageSource, decoded_to_pixels, image_to_tensor, load_image, load_mask, pixels_to_images, prepare_image
+from .injection import InjectionSteps
 from .inversion import extract_features, invert
 from .models import StableDiffusion, load_model
 from .region import EditRegion
 from .schedules import NoiseSchedule, negative_prompt_weights
-from .translation import Denoiser, Injection, PromptEmbeddings, generate_source, translate
+from .source import GeneratedSource, RealSource, Source
+from .translation import Denoiser, Guidance, Injection, generate_source, sample
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("load", "inversion", "extraction", "translation", "decode")
+PHASES = ("load", "inversion", "extraction", "generation", "translation", "decode")
 GENERATION_GUIDANCE_SCALE = 5.0
 # Latent pixels per UNet call: 16 latents at 512x512 (64x64 latents), fewer at larger sizes.
 DEFAULT_BATCH_LATENT_PIXELS = 16 * 64 * 64
@@ -80,6 +73,50 @@ class RunStats:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """The text embeddings of a request (docs/algorithm.md §1): E(""), the source's text (the inversion
+    prompt, or in generation mode the generation prompt), one per target prompt, and the negative
+    prompt's (None without one); each (rows, 77, d)."""
+
+    unconditional: torch.Tensor
+    source: torch.Tensor
+    targets: torch.Tensor
+    negative: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """A real source: the input image at its working size and, with a mask, its m_px (1, 1, H, W)."""
+
+    image: Image.Image
+    pixel_mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class SeededNoise:
+    """A source to generate, from the noise of this seed."""
+
+    seed: int
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request that passed every check: its config, its sampling timesteps t_0 > ... > t_{N-1}, and where
+    its source comes from."""
+
+    config: PnPConfig
+    timesteps: list[int]
+    source: InputImage | SeededNoise
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The working size (W, H): the input image's, or image_size square for a generated source."""
+        if isinstance(self.source, InputImage):
+            return self.source.image.size
+        return self.config.image_size, self.config.image_size
+
+
 @dataclass
 class PnPResult:
     """The output images (a generated source first, then one per prompt), the seed used and the stats."""
@@ -114,7 +151,6 @@ class PnPEngine:
     ):
         self.model = model
         self.schedule = NoiseSchedule.from_config(model.scheduler_config)
-        self.unet = model.sites
         self.cache = SourceCache(default_cache_bytes(model.device) if cache_bytes is None else cache_bytes)
         self.batch_latent_pixels = batch_latent_pixels
 
@@ -148,25 +184,7 @@ class PnPEngine:
     @property
     def unet_evals(self) -> int:
         """Latents the engine has sent through the UNet so far."""
-        return self.unet.evals
-
-    @contextmanager
-    def _phase(self, stats: RunStats, name: str) -> Iterator[None]:
-        logger.info("%s ...", name)
-        start, evals = time.perf_counter(), self.unet_evals
-        try:
-            yield
-        finally:
-            if self.model.device.type == "cuda":
-                torch.cuda.synchronize(self.model.device)
-            phase = stats.phases[name]
-            phase.seconds += time.perf_counter() - start
-            phase.unet_evals += self.unet_evals - evals
-            logger.info("%s done: %.2f s, %d UNet evals", name, phase.seconds, phase.unet_evals)
-
-    def _batch_size(self, width: int, height: int) -> int:
-        """Latents per UNet or VAE call at a working size: `batch_latent_pixels` over the latent's pixels."""
-        return max(1, self.batch_latent_pixels // ((width // 8) * (height // 8)))
+        return self.model.injection_unet.evals
 
     @torch.no_grad()
     def __call__(
@@ -182,160 +200,182 @@ class PnPEngine:
         float16 or bfloat16 get the request one more run in float32 before it fails.
         """
         stats = RunStats()
-        self.unet.check_processors()
-        steps_spec = INPUTS["num_inference_steps"]
-        self.schedule.check_training_range("num_inference_steps", config.num_inference_steps, steps_spec.minimum)
-        prepared = pixel_mask = None
-        if config.generation_mode:
-            if mask is not None:
-                raise InputError("mask", "works only with an input_image; in generation mode there is no input image to keep")
-        else:
-            if image is None:
-                raise InputError("input_image", "give an image to edit, or a generation_prompt to generate one")
-            spec = INPUTS["ddim_inversion_steps"]
-            self.schedule.check_training_range("ddim_inversion_steps", config.ddim_inversion_steps, spec.minimum)
-            self.schedule.check_nesting(
-                config.num_inference_steps, config.ddim_inversion_steps, spec.minimum, spec.maximum
-            )
-            with self._phase(stats, "load"):
-                prepared = prepare_image(load_image(image), config.image_size)
-                if mask is not None:
-                    pixel_mask = load_mask(mask, prepared.size)
-        seed = None
-        if config.generation_mode:
-            seed = config.seed if config.seed is not None else secrets.randbits(32)
+        request = self.check_inputs(config, image, mask, stats)
         try:
-            return self._run(config, prepared, pixel_mask, seed, stats)
+            return self._run(request, stats)
         except NonFiniteError as error:
             if self.model.dtype == torch.float32:
                 raise
             logger.warning("%s in %s; running the request again in float32", error, self.model.dtype)
             stats.float32_retry = True
             with self.model.in_float32():
-                return self._run(config, prepared, pixel_mask, seed, stats)
+                return self._run(request, stats)
 
-    def _run(
-        self,
-        config: PnPConfig,
-        prepared: Image.Image | None,
-        pixel_mask: torch.Tensor | None,
-        seed: int | None,
-        stats: RunStats,
-    ) -> PnPResult:
+    def _run(self, request: CheckedRequest, stats: RunStats) -> PnPResult:
         """One run of a checked request (the float32 retry is a second one)."""
-        # 1. Timesteps and text embeddings: E(""), the source's prompt, the targets, the negative prompt.
-        num_steps = config.num_inference_steps
-        timesteps = self.schedule.sampling_timesteps(num_steps)
-        resnet_steps, attention_steps = config.feature_injection_steps, config.attention_injection_steps
-        negative = config.negative_prompt.strip() != ""
-        texts = ["", config.generation_prompt if config.generation_mode else config.inversion_prompt, *config.translation_prompts]
-        embeddings = self.model.encode_text(texts + ([config.negative_prompt] if negative else []))
-        unconditional, source_text = embeddings[:1], embeddings[1:2]
-        batch_size = self._batch_size(*(prepared.size if prepared is not None else (config.image_size,) * 2))
-
-        def make_denoiser(prompts: PromptEmbeddings, scale: float, weights: list[float], injection: Injection | None) -> Denoiser:
-            return Denoiser(self.unet, self.schedule, timesteps, prompts, scale, weights, batch_size, injection)
-
-        # 2. The source: generated with its features captured, or a real image's inversion and features.
-        region = source_latent = None
-        if prepared is None:
-            logger.info("seed %d", seed)
-            noise = torch.randn(
-                (1, 4, config.image_size // 8, config.image_size // 8),
-                generator=torch.Generator("cpu").manual_seed(seed),
-                dtype=torch.float32,
-            ).to(self.model.device, self.model.dtype)
-            with self._phase(stats, "extraction"):
-                source_denoiser = make_denoiser(
-                    PromptEmbeddings(unconditional, targets=source_text), GENERATION_GUIDANCE_SCALE, [1.0] * num_steps, None
-                )
-                source_latent, source = generate_source(source_denoiser, noise, resnet_steps, attention_steps)
-            start = noise
-        else:
-            entry = self._source_entry(config, prepared, timesteps, source_text, unconditional, batch_size, stats)
-            source, start = entry.features, entry.latents[timesteps[0]]
-            if pixel_mask is not None:
-                kept_latents = [entry.latents[t] for t in timesteps[1:]] + [entry.image_latent]
-                region = EditRegion.from_mask(pixel_mask, image_to_pixels(prepared), kept_latents)
-
-        # 3. Translation of x_T for every target prompt at once, with the source's features injected.
-        weights = (
-            negative_prompt_weights(config.negative_prompt_schedule, config.negative_prompt_alpha, num_steps)
-            if negative
-            else [1.0] * num_steps
-        )
-        prompts = PromptEmbeddings(
-            unconditional,
-            targets=embeddings[2 : 2 + len(config.translation_prompts)],
-            negative=embeddings[-1:] if negative else None,
-        )
+        # 1. Text embeddings: E(""), the source's text, the target prompts, the negative prompt (§1).
+        embeddings = self.encode_prompts(request.config)
+        # 2. The source: a real image's inversion and features (§3-§4, cached), or a generated image and
+        #    its features (§4).
+        source = self.prepare_source(request, embeddings, stats)
+        # 3. Translation of x_T for every target prompt at once, the source's features injected (§5); with
+        #    a mask, the latents outside it kept on the source's trajectory (§8).
+        region = self.prepare_region(request, source)
         with self._phase(stats, "translation"):
-            injection = Injection(source, resnet_steps, attention_steps)
-            translated = translate(make_denoiser(prompts, config.scale, weights, injection), start, region)
-        # 4. Images: the generated source first, then one per prompt; with a mask, the input outside it.
+            latents = self.translate(request, source, embeddings, region)
+        # 4. Images: a generated source first, then one per prompt (§7); with a mask, the input's pixels
+        #    outside it (§8).
         with self._phase(stats, "decode"):
-            latents = translated if source_latent is None else torch.cat([source_latent, translated])
-            pixels = decoded_to_pixels(self.model.decode_latents(latents, batch_size))
-            if region is not None:
-                pixels = region.blend_pixels(pixels)
-            images = pixels_to_images(pixels)
+            images = self.decode(request, source, latents, region)
+        seed = source.seed if isinstance(source, GeneratedSource) else None
         return PnPResult(images=images, seed=seed, stats=stats)
 
-    def _source_entry(
-        self,
-        config: PnPConfig,
-        prepared: Image.Image,
-        timesteps: list[int],
-        inversion_text: torch.Tensor,
-        unconditional: torch.Tensor,
-        batch_size: int,
-        stats: RunStats,
-    ) -> SourceEntry:
-        """The inversion latents and source features of a real image, from the cache or computed, and
-        cached once complete and finite."""
-        key = SourceKey(
-            model=self.model.name,
-            dtype=str(self.model.dtype),
-            image_digest=hashlib.sha256(prepared.tobytes()).hexdigest(),
-            width=prepared.width,
-            height=prepared.height,
-            ddim_inversion_steps=config.ddim_inversion_steps,
-            num_inference_steps=config.num_inference_steps,
-            inversion_prompt=config.inversion_prompt,
+    def check_inputs(
+        self, config: PnPConfig, image: ImageSource | None, mask: ImageSource | None, stats: RunStats
+    ) -> CheckedRequest:
+        """Every refusal that needs more than the config (which checks its own fields), before any UNet
+        evaluation: the UNet's processors, the step counts against the scheduler, a missing image, a mask
+        without one, and an image or mask that cannot be read (timed as the "load" phase)."""
+        self.model.injection_unet.check_processors()
+        steps_spec = INPUTS["num_inference_steps"]
+        self.schedule.check_training_range("num_inference_steps", config.num_inference_steps, steps_spec.minimum)
+        timesteps = self.schedule.sampling_timesteps(config.num_inference_steps)
+        if config.generation_mode:
+            if mask is not None:
+                raise InputError("mask", "works only with an input_image; in generation mode there is no input image to keep")
+            seed = config.seed if config.seed is not None else secrets.randbits(32)
+            return CheckedRequest(config, timesteps, SeededNoise(seed))
+        if image is None:
+            raise InputError("input_image", "give an image to edit, or a generation_prompt to generate one")
+        spec = INPUTS["ddim_inversion_steps"]
+        self.schedule.check_training_range("ddim_inversion_steps", config.ddim_inversion_steps, spec.minimum)
+        self.schedule.check_nesting(config.num_inference_steps, config.ddim_inversion_steps, spec.minimum, spec.maximum)
+        with self._phase(stats, "load"):
+            prepared = prepare_image(load_image(image), config.image_size)
+            pixel_mask = None if mask is None else load_mask(mask, prepared.size)
+        return CheckedRequest(config, timesteps, InputImage(prepared, pixel_mask))
+
+    def encode_prompts(self, config: PnPConfig) -> PromptEmbeddings:
+        """The request's text embeddings, from one text-encoder call."""
+        source_text = config.generation_prompt if config.generation_mode else config.inversion_prompt
+        negative = [config.negative_prompt] if config.negative_prompt.strip() else []
+        embeddings = self.model.encode_text(["", source_text, *config.translation_prompts, *negative])
+        targets_end = 2 + len(config.translation_prompts)
+        return PromptEmbeddings(
+            unconditional=embeddings[:1],
+            source=embeddings[1:2],
+            targets=embeddings[2:targets_end],
+            negative=embeddings[targets_end:] if negative else None,
         )
-        # A float32 entry, left by the float32 retry of a request whose half-precision run failed, serves
-        # half-precision requests too: their own inversion of the image would most likely fail again.
-        entry = self.cache.get(key) or self.cache.get(replace(key, dtype=str(torch.float32)))
-        stats.cache_hit = entry is not None
-        resnet_steps, attention_steps = config.feature_injection_steps, config.attention_injection_steps
-        if entry is not None and entry.features.covers(resnet_steps, attention_steps):
-            return entry
-        if entry is None:
+
+    def prepare_source(self, request: CheckedRequest, embeddings: PromptEmbeddings, stats: RunStats) -> Source:
+        """The source of the translation: a real image's, from the cache or computed, or a generated one."""
+        if isinstance(request.source, SeededNoise):
+            with self._phase(stats, "generation"):
+                return self._generate_source(request, request.source.seed, embeddings)
+        image = request.source.image
+        key = SourceKey.of(self.model.name, self.model.dtype, image, request.config)
+        compute = partial(self._compute_inversion, request, embeddings, stats)
+        entry, stats.cache_hit = self.cache.get_or_compute(key, request.config.injection_steps, compute)
+        return RealSource.from_entry(entry, request.timesteps, image)
+
+    def _generate_source(self, request: CheckedRequest, seed: int, embeddings: PromptEmbeddings) -> GeneratedSource:
+        """Sample the source from seeded CPU noise, guided by the generation prompt at scale 5.0, capturing
+        its features (docs/algorithm.md §4)."""
+        logger.info("seed %d", seed)
+        width, height = request.size
+        factor = self.model.vae_scale_factor
+        noise = torch.randn(
+            (1, self.model.latent_channels, height // factor, width // factor),
+            generator=torch.Generator("cpu").manual_seed(seed),
+            dtype=torch.float32,
+        ).to(self.model.device, self.model.dtype)
+        steps = len(request.timesteps)
+        guidance = Guidance(embeddings.unconditional, embeddings.source, None, GENERATION_GUIDANCE_SCALE, (1.0,) * steps)
+        latent, features = generate_source(self._denoiser(request, guidance), noise, request.config.injection_steps)
+        return GeneratedSource(start_latent=noise, features=features, latent=latent, seed=seed)
+
+    def _compute_inversion(
+        self,
+        request: CheckedRequest,
+        embeddings: PromptEmbeddings,
+        stats: RunStats,
+        partial_entry: SourceEntry | None,
+        steps: InjectionSteps,
+    ) -> SourceEntry:
+        """A real image's cache entry: its latent and inversion (those of `partial_entry` where given) and
+        its source features for `steps`, from the forward latents with E("") (docs/algorithm.md §3-§4)."""
+        unet = self.model.injection_unet
+        if partial_entry is None:
             with self._phase(stats, "load"):
-                image_latent = self.model.encode_image(image_to_tensor(prepared)).float()
+                image_latent = self.model.encode_image(image_to_tensor(request.source.image)).float()
             with self._phase(stats, "inversion"):
-                latents = invert(
-                    self.unet, self.schedule, image_latent, inversion_text, config.ddim_inversion_steps, set(timesteps)
-                )
+                inversion_steps = request.config.ddim_inversion_steps
+                latents = invert(unet, self.schedule, image_latent, embeddings.source, inversion_steps, set(request.timesteps))
         else:
-            # Features for fewer steps than this request injects are extracted again, in one batched pass,
-            # for the longer of both requests' lengths, so that alternating requests find them next time.
-            image_latent, latents = entry.image_latent, entry.latents
-            resnet_steps = max(resnet_steps, entry.features.resnet_steps)
-            attention_steps = max(attention_steps, entry.features.attention_steps)
-        steps = max(resnet_steps, attention_steps)
+            image_latent, latents = partial_entry.image_latent, partial_entry.latents
+        captured = request.timesteps[: steps.capture_steps]
         with self._phase(stats, "extraction"):
-            features = extract_features(
-                self.unet,
-                [latents[t] for t in timesteps[:steps]],
-                timesteps[:steps],
-                unconditional,
-                batch_size,
-                resnet_steps,
-                attention_steps,
-            )
-        entry = SourceEntry(image_latent, latents, features)
-        if not entry.is_finite():
-            raise NonFiniteError("the inversion of the image produced NaN or infinite values")
-        self.cache.put(key, entry)
-        return entry
+            batch_size = self._batch_size(request.size)
+            features = extract_features(unet, [latents[t] for t in captured], captured, embeddings.unconditional, batch_size, steps)
+        return SourceEntry(image_latent, latents, features)
+
+    def prepare_region(self, request: CheckedRequest, source: Source) -> EditRegion | None:
+        """With a mask, where to edit and what is kept outside it (docs/algorithm.md §8); else None."""
+        if not isinstance(source, RealSource) or request.source.pixel_mask is None:
+            return None
+        return EditRegion.from_mask(
+            request.source.pixel_mask, source.pixels, source.kept_latents, self.model.vae_scale_factor
+        )
+
+    def translate(
+        self, request: CheckedRequest, source: Source, embeddings: PromptEmbeddings, region: EditRegion | None
+    ) -> torch.Tensor:
+        """x_T -> the final latents (P, C, h, w), one per target prompt, the source's features injected."""
+        config = request.config
+        num_steps = len(request.timesteps)
+        weights = (
+            negative_prompt_weights(config.negative_prompt_schedule, config.negative_prompt_alpha, num_steps)
+            if embeddings.negative is not None
+            else [1.0] * num_steps
+        )
+        guidance = Guidance(embeddings.unconditional, embeddings.targets, embeddings.negative, config.scale, tuple(weights))
+        denoiser = self._denoiser(request, guidance, Injection(source.features, config.injection_steps))
+        start = source.start_latent.float().expand(guidance.count, *source.start_latent.shape[1:])
+        return sample(denoiser, start, self.schedule, request.timesteps, "translation", region)
+
+    def decode(
+        self, request: CheckedRequest, source: Source, latents: torch.Tensor, region: EditRegion | None
+    ) -> list[Image.Image]:
+        """The images of the final latents, a generated source's first; with a mask, the input's pixels
+        outside it."""
+        if isinstance(source, GeneratedSource):
+            latents = torch.cat([source.latent, latents])
+        pixels = decoded_to_pixels(self.model.decode_latents(latents, self._batch_size(request.size)))
+        if region is not None:
+            pixels = region.blend_pixels(pixels)
+        return pixels_to_images(pixels)
+
+    def _denoiser(self, request: CheckedRequest, guidance: Guidance, injection: Injection | None = None) -> Denoiser:
+        unet, batch_size = self.model.injection_unet, self._batch_size(request.size)
+        return Denoiser(unet, self.schedule, request.timesteps, guidance, batch_size, injection)
+
+    def _batch_size(self, size: tuple[int, int]) -> int:
+        """Latents per UNet or VAE call at a working size (W, H): `batch_latent_pixels` over a latent's positions."""
+        width, height = size
+        factor = self.model.vae_scale_factor
+        return max(1, self.batch_latent_pixels // ((width // factor) * (height // factor)))
+
+    @contextmanager
+    def _phase(self, stats: RunStats, name: str) -> Iterator[None]:
+        logger.info("%s ...", name)
+        start, evals = time.perf_counter(), self.unet_evals
+        try:
+            yield
+        finally:
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize(self.model.device)
+            phase = stats.phases[name]
+            phase.seconds += time.perf_counter() - start
+            phase.unet_evals += self.unet_evals - evals
+            logger.info("%s done: %.2f s, %d UNet evals", name, phase.seconds, phase.unet_evals)

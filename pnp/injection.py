@@ -2,7 +2,7 @@
 
 The sites (docs/algorithm.md §4) are the residual branch of `up_blocks[1].resnets[1]` (the output of
 its `conv2`, before the shortcut is added) and the query and key projections of eight decoder
-self-attention layers. `SiteUNet` installs, once, a forward for the ResNet block and an attention
+self-attention layers. `InjectionUNet` installs, once, a forward for the ResNet block and an attention
 processor for the eight `attn1` modules. At an injected step they take the source's residual, queries
 and keys instead of computing them (the residual branch and `to_q`, `to_k` are skipped); while
 capturing they record what they computed. No forward hook is involved, so nothing is computed only to
@@ -78,34 +78,57 @@ def locate_sites(unet: torch.nn.Module) -> tuple[ResnetBlock2D, dict[str, Attent
 
 
 @dataclass(frozen=True)
-class SourceFeatures:
-    """Source features per key, stacked by sampling step: each tensor is (steps, sources, ...).
+class InjectionSteps:
+    """How many sampling steps, from the first, get the source's features (docs/algorithm.md §4): the
+    ResNet site's at steps i < n_f (`feature_injection_steps`), the attention sites' at i < n_a."""
 
-    `sources` is 1 for a real image (the inversion's forward pass) and 2 for a generated source (its
-    unconditional and conditional halves). ResNet features are kept for the n_f steps they are injected
-    and attention features for n_a (docs/algorithm.md §4), so a cache entry holds nothing unused.
+    feature_injection_steps: int
+    attention_injection_steps: int
+
+    @property
+    def capture_steps(self) -> int:
+        """max(n_f, n_a): the steps whose source features are needed at all."""
+        return max(self.feature_injection_steps, self.attention_injection_steps)
+
+    def covers(self, other: InjectionSteps) -> bool:
+        """Whether features kept for these steps serve a request injecting `other`'s."""
+        return (
+            other.feature_injection_steps <= self.feature_injection_steps
+            and other.attention_injection_steps <= self.attention_injection_steps
+        )
+
+    def union(self, other: InjectionSteps) -> InjectionSteps:
+        """The longer of both, for each kind of site."""
+        return InjectionSteps(
+            max(self.feature_injection_steps, other.feature_injection_steps),
+            max(self.attention_injection_steps, other.attention_injection_steps),
+        )
+
+
+@dataclass(frozen=True)
+class SourceFeatures:
+    """Source features per key, stacked by sampling step: each tensor is (steps, rows, ...).
+
+    A real image's features have one row a step (the inversion's unguided forward pass); a generated
+    source's have two, `guidance_halves`: the unconditional and the conditional half of its guided pass.
+    ResNet features are kept for the n_f steps they are injected and attention features for n_a
+    (docs/algorithm.md §4), so a cache entry holds nothing unused.
     """
 
     features: dict[str, torch.Tensor]
-    resnet_steps: int
-    attention_steps: int
-
-    def covers(self, resnet_steps: int, attention_steps: int) -> bool:
-        """Whether these features serve a request injecting that many steps of each kind."""
-        return resnet_steps <= self.resnet_steps and attention_steps <= self.attention_steps
+    steps: InjectionSteps
+    guidance_halves: bool
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.features.values())
 
-    def at_step(
-        self, step: int, feature_injection_steps: int, attention_injection_steps: int
-    ) -> dict[str, torch.Tensor]:
+    def at_step(self, step: int, injected: InjectionSteps) -> dict[str, torch.Tensor]:
         """The features injected at sampling step `step`: ResNet while step < n_f, attention while step < n_a."""
         selected = {}
-        if step < feature_injection_steps:
+        if step < injected.feature_injection_steps:
             selected[RESNET_KEY] = self.features[RESNET_KEY][step]
-        if step < attention_injection_steps:
+        if step < injected.attention_injection_steps:
             selected.update({key: self.features[key][step] for key in attention_keys()})
         return selected
 
@@ -116,23 +139,27 @@ class FeatureRecorder:
     beyond those steps is dropped once recorded, so at most one call's capture is held beside the
     features: at 512x512 the attention sites' 15 steps between n_a = 25 and n_f = 40 alone are 0.4 GB."""
 
-    def __init__(self, resnet_steps: int, attention_steps: int, sources: int):
-        self.resnet_steps, self.attention_steps, self.sources = resnet_steps, attention_steps, sources
+    def __init__(self, steps: InjectionSteps, guidance_halves: bool):
+        self.steps, self.guidance_halves = steps, guidance_halves
         self._features: dict[str, torch.Tensor] = {}
 
     def record(self, first_step: int, captured: Mapping[str, torch.Tensor]) -> None:
-        """Store one call's capture: for each key, `sources` rows a step, for the steps from `first_step` on."""
+        """Store one call's capture: for each key, one row a step (two with `guidance_halves`), for the
+        steps from `first_step` on."""
+        rows_per_step = 2 if self.guidance_halves else 1
         for key, rows in captured.items():
-            steps = self.resnet_steps if key == RESNET_KEY else self.attention_steps
-            values = rows.unflatten(0, (-1, self.sources))[: max(0, steps - first_step)]
+            kept = (
+                self.steps.feature_injection_steps if key == RESNET_KEY else self.steps.attention_injection_steps
+            )
+            values = rows.unflatten(0, (-1, rows_per_step))[: max(0, kept - first_step)]
             if len(values) == 0:
                 continue
             if key not in self._features:
-                self._features[key] = values.new_empty((steps, *values.shape[1:]))
+                self._features[key] = values.new_empty((kept, *values.shape[1:]))
             self._features[key][first_step : first_step + len(values)] = values
 
     def features(self) -> SourceFeatures:
-        return SourceFeatures(dict(self._features), self.resnet_steps, self.attention_steps)
+        return SourceFeatures(dict(self._features), self.steps, self.guidance_halves)
 
 
 class _SiteState:
@@ -203,16 +230,17 @@ class _SelfAttentionSite:
         return attn.to_out[1](attn.to_out[0](attended))
 
 
-class SiteUNet:
-    """The UNet with its Plug-and-Play sites: runs it, counting the latents it evaluates, with source
-    features injected or the sites' own features captured (`capturing`); `run` compiles where asked."""
+class InjectionUNet:
+    """The UNet with Plug-and-Play's feature injection: runs it, counting the latents it evaluates, with
+    source features injected or the sites' own features captured (`capturing`). `unet_forward` is the
+    UNet's forward as it runs, eagerly or under torch.compile."""
 
     def __init__(self, unet: UNet2DConditionModel):
         self.unet = unet
         self.evals = 0
         self._state = _SiteState()
         # The sites are plain module code inside the UNet, so torch.compile traces them with it.
-        self.run = Compilable(unet, "UNet")
+        self.unet_forward = Compilable(unet, "UNet")
         resnet, attentions = locate_sites(unet)
         # An instance attribute: nn.Module.__call__ runs it instead of ResnetBlock2D.forward.
         resnet.forward = _ResidualSite(resnet, self._state)
@@ -251,7 +279,7 @@ class SiteUNet:
         self.evals += latents.shape[0]
         self._state.injected = injected or {}
         try:
-            return self.run(latents, timesteps, encoder_hidden_states=text).sample
+            return self.unet_forward(latents, timesteps, encoder_hidden_states=text).sample
         finally:
             self._state.injected = {}
 

@@ -5,33 +5,33 @@ from __future__ import annotations
 
 import torch
 
-from .injection import FeatureRecorder, SiteUNet, SourceFeatures
+from .injection import FeatureRecorder, InjectionSteps, InjectionUNet, SourceFeatures
 from .progress import progress
 from .schedules import NoiseSchedule, ddim_step, device_timesteps
 
 
 @torch.no_grad()
 def invert(
-    unet: SiteUNet,
+    unet: InjectionUNet,
     schedule: NoiseSchedule,
     latent: torch.Tensor,
     text_embedding: torch.Tensor,
     num_steps: int,
     keep: set[int],
 ) -> dict[int, torch.Tensor]:
-    """Run DDIM backwards from `latent` (1, 4, h, w) to noise; return z_src[τ] for each τ in `keep`.
+    """Run DDIM backwards from `latent` (1, C, h, w) to noise; return z_src[τ] for each τ in `keep`.
 
     The noise of step i is predicted on the current latent at the step's own, noisier timestep τ_i.
     The latent stays float32 between steps; the UNet runs in its own dtype.
     """
     timesteps = schedule.inversion_timesteps(num_steps)
-    alphas = [schedule.alpha(None)] + [schedule.alpha(t) for t in timesteps]
+    alpha_bars = [schedule.alpha_bar(None)] + [schedule.alpha_bar(t) for t in timesteps]
     z = latent.float()
     kept: dict[int, torch.Tensor] = {}
     on_device = device_timesteps(timesteps, latent.device)
     for i in progress(num_steps, "inversion"):
         output = unet(z.to(unet.dtype), on_device[i], text_embedding)
-        z = ddim_step(z, schedule.epsilon(output, z, alphas[i + 1]), alphas[i], alphas[i + 1])
+        z = ddim_step(z, schedule.epsilon(output, z, alpha_bars[i + 1]), alpha_bars[i], alpha_bars[i + 1])
         if timesteps[i] in keep:
             kept[timesteps[i]] = z
     return kept
@@ -39,25 +39,24 @@ def invert(
 
 @torch.no_grad()
 def extract_features(
-    unet: SiteUNet,
+    unet: InjectionUNet,
     latents: list[torch.Tensor],
     timesteps: list[int],
     text_embedding: torch.Tensor,
     batch_size: int,
-    resnet_steps: int,
-    attention_steps: int,
+    steps: InjectionSteps,
 ) -> SourceFeatures:
     """Source features of `unet(latents[i], timesteps[i], text_embedding)`, several timesteps per UNet call,
-    for the first `resnet_steps` steps of the ResNet site and `attention_steps` of the attention ones.
+    for the first n_f steps of the ResNet site and n_a of the attention ones (`steps`).
 
     For a real image `text_embedding` is E(""), whatever conditioned the inversion (docs/algorithm.md §4),
     as in pnp-diffusers and PnP Inversion's benchmark code.
     """
-    recorder = FeatureRecorder(resnet_steps, attention_steps, sources=1)
+    recorder = FeatureRecorder(steps, guidance_halves=False)
     chunked_timesteps = device_timesteps(timesteps, text_embedding.device, batch_size)
-    for start, steps in zip(range(0, len(latents), batch_size), chunked_timesteps):
+    for start, chunk_timesteps in zip(range(0, len(latents), batch_size), chunked_timesteps):
         chunk = torch.cat(latents[start : start + batch_size]).to(unet.dtype)
         with unet.capturing() as captured:
-            unet(chunk, steps, text_embedding.expand(len(chunk), -1, -1))
+            unet(chunk, chunk_timesteps, text_embedding.expand(len(chunk), -1, -1))
         recorder.record(start, captured)
     return recorder.features()

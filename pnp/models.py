@@ -22,7 +22,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .compilation import Compilable
 from .errors import ModelError
-from .injection import SiteUNet, locate_sites
+from .injection import InjectionUNet, locate_sites
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 @dataclass
 class StableDiffusion:
-    """The loaded components the engine drives, on one device in one dtype, the UNet's Plug-and-Play
-    sites (installed once per UNet: every engine on this model shares them), and the VAE's decoder as
-    it runs, eagerly or compiled (`compile`)."""
+    """The loaded components the engine drives, on one device in one dtype: the UNet with Plug-and-Play's
+    feature injection (installed once per UNet: every engine on this model shares it), and the VAE's
+    decode as it runs, eagerly or compiled (`compile`)."""
 
     name: str
     unet: UNet2DConditionModel
@@ -49,26 +49,36 @@ class StableDiffusion:
     scheduler_config: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
-    sites: SiteUNet = field(init=False, repr=False)
-    decoder: Compilable = field(init=False, repr=False)
+    injection_unet: InjectionUNet = field(init=False, repr=False)
+    vae_decode: Compilable = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.sites = SiteUNet(self.unet)
-        self.decoder = Compilable(self.vae.decode, "VAE decoder")
+        self.injection_unet = InjectionUNet(self.unet)
+        self.vae_decode = Compilable(self.vae.decode, "VAE decoder")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent position along each side: 2 per VAE block after the first (8 in SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the UNet's latents (4 in SD)."""
+        return self.unet.config.in_channels
 
     def compile(self, backend: str | Callable = "inductor") -> None:
         """Run the UNet (with its sites) and the VAE decoder under torch.compile, compiled on first use."""
-        self.sites.run.compile(backend)
-        self.decoder.compile(backend)
+        self.injection_unet.unet_forward.compile(backend)
+        self.vae_decode.compile(backend)
 
     @property
     def compiled(self) -> bool:
-        return self.sites.run.compiled or self.decoder.compiled
+        return self.injection_unet.unet_forward.compiled or self.vae_decode.compiled
 
     def stop_compiling(self) -> None:
         """Compile no more graphs: shapes without one run eagerly (see `pnp.compilation`)."""
-        self.sites.run.stop_compiling()
-        self.decoder.stop_compiling()
+        self.injection_unet.unet_forward.stop_compiling()
+        self.vae_decode.stop_compiling()
 
     def use_channels_last(self) -> None:
         """Lay out the UNet's and the VAE's 4-D weights as NHWC (channels_last), which their convolutions'
@@ -93,7 +103,7 @@ class StableDiffusion:
             for module in modules:
                 module.to(torch.float32)
             self.dtype = torch.float32
-            with self.sites.run.eager(), self.decoder.eager():
+            with self.injection_unet.unet_forward.eager(), self.vae_decode.eager():
                 yield
         finally:
             for module in modules:
@@ -122,7 +132,7 @@ class StableDiffusion:
         """VAE decoding of latents, `batch_size` at a time; values are roughly in [-1, 1]."""
         scaled = latents / self.vae.config.scaling_factor
         return torch.cat(
-            [self.decoder(chunk.to(self.dtype)).sample for chunk in scaled.split(batch_size)]
+            [self.vae_decode(chunk.to(self.dtype)).sample for chunk in scaled.split(batch_size)]
         )
 
 
@@ -250,7 +260,7 @@ def load_model(
         path / "text_encoder", variant=_variant(path / "text_encoder"), dtype=target_dtype
     )
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-    # Scaled-dot-product attention everywhere; SiteUNet then sets its own processor (the same attention,
+    # Scaled-dot-product attention everywhere; InjectionUNet then sets its own processor (the same attention,
     # with injection) on the eight self-attention sites.
     unet.set_attn_processor(AttnProcessor2_0())
     for module in (unet, vae, text_encoder):

@@ -14,32 +14,35 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Each latent pixel covers 8x8 image pixels in Stable Diffusion's VAE.
-LATENT_SCALE = 8
-
 
 @dataclass(frozen=True)
 class EditRegion:
-    """Where to edit, and what is kept outside: m_px and the input's pixels at the working resolution,
-    m = avg_pool2d(m_px, 8) and the source's latent after each sampling step at the latent one."""
+    """Where to edit, and what is kept outside: m_px and the source's pixels at the working resolution,
+    m = avg_pool2d(m_px, f) (f: the VAE's scale factor) and the source's latent after each sampling step
+    at the latent one."""
 
     pixel_mask: torch.Tensor  # (1, 1, H, W) float32: 1 edits, 0 keeps
-    latent_mask: torch.Tensor  # (1, 1, H / 8, W / 8)
+    latent_mask: torch.Tensor  # (1, 1, H / f, W / f)
     source_pixels: torch.Tensor  # (1, 3, H, W) float32 in [0, 1]
-    source_latents: tuple[torch.Tensor, ...]  # z_src[t_1], ..., z_src[t_{N-1}], then the image's own latent
+    source_latents: tuple[torch.Tensor, ...]  # after step i: the source's latent at t_{i+1}, its clean one last
 
     @classmethod
     def from_mask(
-        cls, pixel_mask: torch.Tensor, source_pixels: torch.Tensor, source_latents: list[torch.Tensor]
+        cls,
+        pixel_mask: torch.Tensor,
+        source_pixels: torch.Tensor,
+        source_latents: tuple[torch.Tensor, ...],
+        vae_scale_factor: int,
     ) -> EditRegion:
-        """The region of `pixel_mask` on the device of `source_latents`."""
+        """The region of `pixel_mask` on the device of `source_latents`; each latent position covers
+        `vae_scale_factor` x `vae_scale_factor` pixels."""
         device = source_latents[0].device
         pixel_mask = pixel_mask.to(device)
         return cls(
             pixel_mask=pixel_mask,
-            latent_mask=F.avg_pool2d(pixel_mask, LATENT_SCALE),
+            latent_mask=F.avg_pool2d(pixel_mask, vae_scale_factor),
             source_pixels=source_pixels.to(device),
-            source_latents=tuple(source_latents),
+            source_latents=source_latents,
         )
 
     def blend_latents(self, edited: torch.Tensor, step: int) -> torch.Tensor:
@@ -47,5 +50,5 @@ class EditRegion:
         return self.latent_mask * edited + (1 - self.latent_mask) * self.source_latents[step]
 
     def blend_pixels(self, edited: torch.Tensor) -> torch.Tensor:
-        """y = m_px y + (1 − m_px) x_in: the edited pixels in [0, 1] inside the region, the input's outside."""
+        """y = m_px y + (1 − m_px) x_in: the edited pixels in [0, 1] inside the region, the source's outside."""
         return self.pixel_mask * edited + (1 - self.pixel_mask) * self.source_pixels

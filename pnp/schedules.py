@@ -42,19 +42,19 @@ class NoiseSchedule:
         """τ_0 < τ_1 < ... < τ_{M-1}: `set_timesteps(M)` reversed."""
         return self.sampling_timesteps(num_steps)[::-1]
 
-    def alpha(self, timestep: int | None) -> float:
+    def alpha_bar(self, timestep: int | None) -> float:
         """ᾱ[t], or ᾱ_final where there is no further timestep."""
         return self.final_alpha_cumprod if timestep is None else self.alphas_cumprod[timestep]
 
-    def epsilon(self, model_output: torch.Tensor, latents: torch.Tensor, alpha: float) -> torch.Tensor:
-        """The noise ε that a UNet output stands for, on float32 `latents` at a timestep with ᾱ = `alpha`.
+    def epsilon(self, model_output: torch.Tensor, latents: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+        """The noise ε that a UNet output stands for, on float32 `latents` at a timestep with ᾱ = `alpha_bar`.
 
         A v-prediction model (Salimans & Ho 2022, arXiv 2202.00512) predicts v = sqrt(ᾱ) ε − sqrt(1 − ᾱ) x0;
         with z = sqrt(ᾱ) x0 + sqrt(1 − ᾱ) ε this gives ε = sqrt(ᾱ) v + sqrt(1 − ᾱ) z (docs/algorithm.md §9).
         """
         output = model_output.float()
         if self.prediction_type == "v_prediction":
-            return alpha**0.5 * output + (1 - alpha) ** 0.5 * latents
+            return alpha_bar**0.5 * output + (1 - alpha_bar) ** 0.5 * latents
         return output
 
     def in_training_range(self, num_steps: int) -> bool:
@@ -105,8 +105,8 @@ def device_timesteps(timesteps: list[int], device: torch.device, chunk: int = 1)
     return [part.clone() for part in torch.tensor(timesteps, device=device).split(chunk)]
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_next: float) -> torch.Tensor:
-    """The deterministic DDIM update from ᾱ = `alpha` to ᾱ = `alpha_next` (Song et al. 2021, arXiv 2010.02502,
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float, alpha_bar_next: float) -> torch.Tensor:
+    """The deterministic DDIM update from ᾱ = `alpha_bar` to ᾱ' = `alpha_bar_next` (Song et al. 2021, arXiv 2010.02502,
     Eq. 12 with η = 0; docs/algorithm.md §3, §5): x0 = (x − sqrt(1 − ᾱ) ε) / sqrt(ᾱ), then
     x' = sqrt(ᾱ') x0 + sqrt(1 − ᾱ') ε. Towards less noise it samples; towards more noise it inverts.
 
@@ -114,8 +114,8 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_next: floa
     cannot run the inversion (nor land on z_src's timesteps), and it reads ᾱ from CPU tensors at every
     step; here ᾱ are Python floats, so the loops queue GPU work without waiting on the host.
     """
-    x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
-    return alpha_next**0.5 * x0 + (1 - alpha_next) ** 0.5 * eps
+    x0 = (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
+    return alpha_bar_next**0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * eps
 
 
 # s_i of step i of N, with last = N − 1 (docs/algorithm.md §6); the names are the input's choices.
@@ -126,8 +126,8 @@ NEGATIVE_PROMPT_SCHEDULES: dict[str, Callable[[int, int], float]] = {
 }
 
 
-def negative_prompt_weights(schedule: str, alpha: float, num_steps: int) -> list[float]:
-    """a_i = alpha * s_i (docs/algorithm.md §6): the weight of the unconditional branch against the negative one.
-    `schedule` is a key of `NEGATIVE_PROMPT_SCHEDULES`, as `PnPConfig` checks."""
+def negative_prompt_weights(schedule: str, negative_prompt_alpha: float, num_steps: int) -> list[float]:
+    """a_i = negative_prompt_alpha * s_i (docs/algorithm.md §6): the weight of the unconditional branch against
+    the negative one. `schedule` is a key of `NEGATIVE_PROMPT_SCHEDULES`, as `PnPConfig` checks."""
     last = max(num_steps - 1, 1)
-    return [alpha * NEGATIVE_PROMPT_SCHEDULES[schedule](i, last) for i in range(num_steps)]
+    return [negative_prompt_alpha * NEGATIVE_PROMPT_SCHEDULES[schedule](i, last) for i in range(num_steps)]

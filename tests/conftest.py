@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random Stable Diffusion checkpoints (written once per test session), engines on
 them, the Cog predictor set up in-process as a service, the OpenAPI schema file, and log capture.
 
-Plain helpers (the example image, small requests, pixels) are in helpers.py.
+Plain helpers (the example image, small requests, pixels) are in tests/helpers.py.
 
 The session engines keep their inversion cache from test to test: a test that reads cache entries
 makes them with an inversion prompt of its own, and a test that needs an empty cache clears it.
@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import runpy
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,19 +21,14 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import ROOT
 
 from pnp import PnPEngine
 from pnp.testing import make_random_model
+from tests.helpers import ROOT, SERVICE_CACHE_BYTES
 
 # The tiny models gain nothing from threads, and on a 2-core machine shared with a test server,
 # oversubscribed OpenMP threads make each UNet call many times slower.
 torch.set_num_threads(1)
-
-# The service's inversion cache: one to three entries of the tiny model (~1.3 MB at 128 px, ~3 MB at
-# 192 px), so that the soak test's new images must evict; at the default bound (a fifth of the
-# machine's memory) the cache could legitimately keep every one of them.
-SERVICE_CACHE_BYTES = 4 * 2**20
 
 
 # --- models and engines ----------------------------------------------------------------------------------
@@ -94,7 +88,6 @@ def service(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         mp.delenv("PNP_DTYPE", raising=False)
         mp.setenv("PNP_CACHE_BYTES", str(SERVICE_CACHE_BYTES))
         mp.setattr(tempfile, "tempdir", str(temp_root))
-        mp.syspath_prepend(str(ROOT))
         import predict
 
         predictor = predict.Predictor()
@@ -128,10 +121,9 @@ def openapi_schema() -> dict[str, Any]:
     starting an interpreter; tests/test_cog_schema.py runs it once more as a command and compares."""
     script = runpy.run_path(str(ROOT / "script" / "openapi-schema"))
     output = ROOT / ".cog" / "openapi_schema.json"
-    cwd, path = os.getcwd(), list(sys.path)
+    cwd = os.getcwd()
     try:
         assert script["main"](["--output", str(output)]) == 0
-    finally:  # main() changes to the repository root and puts it on sys.path
+    finally:  # main() changes to the repository root
         os.chdir(cwd)
-        sys.path[:] = path
     return json.loads(output.read_text())

@@ -1,7 +1,7 @@
 """Plain helpers shared by the tests: the example image, small requests, image bytes and pixels, and an
 independent reference implementation of guided DDIM sampling (diffusers' own scheduler).
 
-Fixtures (tiny models, engines, the in-process Cog predictor, log capture) are in conftest.py.
+Fixtures (tiny models, engines, the in-process Cog predictor, log capture) are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ HORSE = ROOT / "examples" / "horse.jpg"
 # Small enough for CPU tests: 128x128 pixels (16x16 latents), 10 sampling and 10 inversion steps.
 FAST: dict[str, Any] = {"image_size": 128, "num_inference_steps": 10, "ddim_inversion_steps": 10}
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 200, 0), (255, 255, 255)
+# The service's inversion cache: one to three entries of the tiny model (~1.3 MB at 128 px, ~3 MB at
+# 192 px), so that the soak test's new images must evict; at the default bound (a fifth of the
+# machine's memory) the cache could legitimately keep every one of them.
+SERVICE_CACHE_BYTES = 4 * 2**20
 
 
 # --- requests ----------------------------------------------------------------------------------------
@@ -266,4 +270,4 @@ def inverted_noise(engine: PnPEngine, steps: int = 10) -> torch.Tensor:
     from pnp.inversion import invert
 
     t_0 = engine.schedule.sampling_timesteps(steps)[0]
-    return invert(engine.unet, engine.schedule, source_latent(engine), engine.model.encode_text([""]), steps, {t_0})[t_0]
+    return invert(engine.model.injection_unet, engine.schedule, source_latent(engine), engine.model.encode_text([""]), steps, {t_0})[t_0]

@@ -9,16 +9,16 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers import HORSE, config, entries_for, model_dtypes, nan_unet_hook, pixels
+from tests.helpers import HORSE, config, entries_for, model_dtypes, nan_unet_hook, pixels
 from PIL import Image
 
 from pnp import PnPEngine
 from pnp.cache import SourceCache, SourceEntry, SourceKey
-from pnp.injection import RESNET_KEY, SourceFeatures
+from pnp.injection import RESNET_KEY, InjectionSteps, SourceFeatures
 
 
 def entry_of(nbytes: int) -> SourceEntry:
-    return SourceEntry(torch.zeros(0), {0: torch.zeros(nbytes // 4)}, SourceFeatures({}, 0, 0))
+    return SourceEntry(torch.zeros(0), {0: torch.zeros(nbytes // 4)}, SourceFeatures({}, InjectionSteps(0, 0), guidance_halves=False))
 
 
 def key(name: str) -> SourceKey:
@@ -49,7 +49,7 @@ def test_an_entry_with_a_non_finite_tensor_anywhere_is_not_finite(where, bad):
         tensors = {name: torch.zeros(2, 3) for name in ("image_latent", "latents", "features")}
         if poisoned:
             tensors[where][1, 2] = bad
-        features = SourceFeatures({RESNET_KEY: tensors["features"]}, 2, 0)
+        features = SourceFeatures({RESNET_KEY: tensors["features"]}, InjectionSteps(2, 0), guidance_halves=False)
         return SourceEntry(tensors["image_latent"], {981: torch.zeros(1), 901: tensors["latents"]}, features)
 
     assert entry(poisoned=False).is_finite()
@@ -60,7 +60,7 @@ def test_an_entry_holds_only_the_injected_steps(engine: PnPEngine):
     stats = engine(config(inversion_prompt="defaults"), HORSE).stats
     assert stats.phases["extraction"].unet_evals == 8  # max(n_f, n_a) = max(8, 5)
     features = cached_features(engine, "defaults")
-    assert (features.resnet_steps, features.attention_steps) == (8, 5)
+    assert features.steps == InjectionSteps(8, 5)
     assert {len(t) for k, t in features.features.items() if k != RESNET_KEY} == {5}
     assert len(features.features[RESNET_KEY]) == 8
     # Nothing else is held: each kept tensor owns exactly its own memory.
@@ -89,7 +89,7 @@ def test_longer_injection_extracts_again_for_the_longer_of_both_requests(engine:
     assert stats.cache_hit and stats.phases["inversion"].unet_evals == 0
     assert stats.phases["extraction"].unet_evals == 6  # one batched pass for n_f = 6, keeping n_a = 5
     extended = cached_features(engine, "steps")
-    assert (extended.resnet_steps, extended.attention_steps) == (6, 5)
+    assert extended.steps == InjectionSteps(6, 5)
     reference = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")  # a fresh cache computes them in one go
     reference(longer.replace(attention_injection_threshold=0.5), HORSE)
     (fresh,) = [e.features for _, e in reference.cache.items()]

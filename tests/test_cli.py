@@ -7,7 +7,7 @@ import runpy
 import sys
 
 import pytest
-from helpers import HORSE
+from tests.helpers import HORSE
 from PIL import Image
 
 from pnp.cli import build_parser, main

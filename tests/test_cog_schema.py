@@ -14,13 +14,15 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
-from helpers import ROOT
+from tests.helpers import ROOT
+from packaging.requirements import Requirement
 from packaging.version import Version
 
 from pnp.config import INPUTS, OUTPUT_FORMAT
@@ -56,17 +58,21 @@ def _shared_cog_file(name: str) -> Path:
     return ROOT / "tests" / "data" / "cog" / name
 
 
-def _pins(path: Path) -> dict[str, str]:
+def _pins_of(requirements: list[str], source: str) -> dict[str, str]:
     pins = {}
-    for line in path.read_text().splitlines():
+    for line in requirements:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        assert not line.startswith("-"), f"{path.name}: Cog copies this file alone, so {line!r} cannot work"
+        assert not line.startswith("-"), f"{source}: Cog copies this file alone, so {line!r} cannot work"
         name, sep, version = line.partition("==")
-        assert sep, f"{path.name}: {line!r} is not pinned with =="
+        assert sep, f"{source}: {line!r} is not pinned with =="
         pins[re.sub(r"[-_.]+", "-", name.lower())] = version
     return pins
+
+
+def _pins(path: Path) -> dict[str, str]:
+    return _pins_of(path.read_text().splitlines(), path.name)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +138,11 @@ def test_torch_pin_is_the_newest_in_cogs_matrix_for_the_images_cuda_and_python(c
 
 def test_image_requirements_equal_the_engines(cog_config: dict[str, Any]) -> None:
     image = _pins(ROOT / cog_config["build"]["python_requirements"])
-    engine = _pins(ROOT / "requirements.txt")
-    assert "torch" not in engine  # the CUDA torch is the image's own pin
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch_bound,) = [Requirement(d) for d in dependencies if Requirement(d).name == "torch"]
+    # The engine only bounds torch from below; the image pins its CUDA build, which must satisfy the bound.
+    assert Version(image["torch"]) in torch_bound.specifier
+    engine = _pins_of([d for d in dependencies if Requirement(d).name != "torch"], "pyproject.toml")
     assert {name: version for name, version in image.items() if name != "torch"} == engine
 
 

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers import HORSE, config
+from tests.helpers import HORSE, config
 
 from pnp import ModelError, PnPConfig, PnPEngine
 from pnp.compilation import Compilable
@@ -74,7 +74,7 @@ def test_compiled_unet_has_no_graph_break_few_graphs_and_the_eager_images(tiny_m
         compiled(config(**REQUESTS[0], inversion_prompt="a new cache entry"), HORSE)
         assert len(runs) - before == 10 + 1 + 10 + 1
     # fullgraph=True: a graph break would have raised and fallen back to eager, with a warning.
-    assert compiled.unet.run.compiled and compiled.model.decoder.compiled
+    assert compiled.model.injection_unet.unet_forward.compiled and compiled.model.vae_decode.compiled
     assert not [r for r in caplog.records if r.name == "pnp.compilation"]
     assert len(graphs) == first_pass
     # UNet: batch sizes x injection patterns: inversion (1), extraction (8), translation (2, 8, then 2 and

@@ -7,7 +7,7 @@ The benchmark's rows (tests/test_bench.py) check the same formula for four promp
 from __future__ import annotations
 
 import pytest
-from helpers import HORSE, config
+from tests.helpers import HORSE, config
 
 from pnp import PnPConfig, PnPEngine
 
@@ -22,6 +22,14 @@ def test_cost_model_of_the_default_request(engine: PnPEngine):
 
     repeat = engine(PnPConfig.from_mapping({**defaults, "translation_prompts": "a dog; a zebra"}), HORSE).stats
     assert repeat.cache_hit and repeat.unet_evals == repeat.phases["translation"].unet_evals == 200
+
+
+def test_cost_model_of_generation_mode(engine: PnPEngine):
+    """2N for the guided source, its own "generation" phase (it captures the features: no extraction), then 2NP."""
+    stats = engine(config(generation_prompt="a horse", translation_prompts="a cat; a dog", seed=0), None).stats
+    assert {name: phase.unet_evals for name, phase in stats.phases.items()} == {
+        "load": 0, "inversion": 0, "extraction": 0, "generation": 20, "translation": 40, "decode": 0
+    }
 
 
 @pytest.mark.parametrize(

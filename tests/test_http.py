@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,10 +30,12 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from helpers import FAST, HORSE, ROOT, horse_at
+from tests.helpers import FAST, HORSE, ROOT, horse_at
 from PIL import Image
 
 TERMINAL = {"succeeded", "failed", "canceled"}
+# Where coglet, the server of the cog SDK, keeps prediction files (fixed in its binary; a container's /tmp).
+COGLET_DIR = Path("/tmp/coglet")
 
 
 def _free_port() -> int:
@@ -151,6 +154,7 @@ def server(
             start_new_session=True,  # its own process group: the server and its worker stop together
         )
     srv = Server(f"http://127.0.0.1:{port}", process, log_path)
+    coglet_existed, predictions_before = COGLET_DIR.exists(), _coglet_predictions()
     try:
         srv.wait_for("READY", timeout=120)
         yield srv
@@ -169,6 +173,17 @@ def server(
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        # coglet keeps each prediction's files under a fixed /tmp/coglet, whatever TMPDIR says: remove ours.
+        if coglet_existed:
+            for path in _coglet_predictions() - predictions_before:
+                shutil.rmtree(path, ignore_errors=True)
+        else:
+            shutil.rmtree(COGLET_DIR, ignore_errors=True)
+
+
+def _coglet_predictions() -> set[Path]:
+    predictions = COGLET_DIR / "predictions"
+    return set(predictions.iterdir()) if predictions.is_dir() else set()
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +225,7 @@ def test_real_image_prediction(server: Server, horse_uri: str) -> None:
     metrics = body["metrics"]
     assert metrics["unet_evals"] == 10 + 8 + 20 and metrics["cache_hit"] is False and metrics["float32_retry"] is False
     assert {name: phase["unet_evals"] for name, phase in metrics["phases"].items()} == {
-        "load": 0, "inversion": 10, "extraction": 8, "translation": 20, "decode": 0
+        "load": 0, "inversion": 10, "extraction": 8, "generation": 0, "translation": 20, "decode": 0
     }
     assert all(phase["seconds"] >= 0 for phase in metrics["phases"].values())
 
@@ -243,6 +258,12 @@ def test_generation_mode_returns_source_then_one_image_per_prompt(server: Server
     assert len(images) == 3  # the generated source, then the two non-empty prompts
     assert all(image.format == "WEBP" and image.size == (128, 128) for image in images)
     assert "seed: 7" in body["logs"]
+    # The source's guided sampling is its own phase: 2N evaluations, no inversion or extraction.
+    phases = body["metrics"]["phases"]
+    assert {name: phases[name]["unet_evals"] for name in ("inversion", "extraction", "generation")} == {
+        "inversion": 0, "extraction": 0, "generation": 20
+    }
+    assert "generation done" in body["logs"]
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from helpers import BLUE, FAST, GREEN, RED, WHITE, encode, halves, png_declaring
+from tests.helpers import BLUE, FAST, GREEN, RED, WHITE, encode, halves, png_declaring
 from PIL import Image
 
 from pnp import PnPConfig, PnPEngine, image_io

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMInverseScheduler
-from helpers import HORSE, SiteRecorder, config, reference_scheduler, site_features, source_latent
+from tests.helpers import HORSE, SiteRecorder, config, reference_scheduler, site_features, source_latent
 
 from pnp import PnPEngine
-from pnp.injection import RESNET_KEY, FeatureRecorder, attention_keys
+from pnp.injection import RESNET_KEY, FeatureRecorder, InjectionSteps, attention_keys
 from pnp.inversion import invert
 
 
@@ -20,7 +20,7 @@ def test_inversion_equals_diffusers_ddim_inverse_scheduler(engine: PnPEngine):
     taus = [int(t) for t in inverse.timesteps]
     assert taus == engine.schedule.inversion_timesteps(10)
     text = engine.model.encode_text(["a horse"])
-    kept = invert(engine.unet, engine.schedule, latent, text, 10, set(taus))
+    kept = invert(engine.model.injection_unet, engine.schedule, latent, text, 10, set(taus))
     assert sorted(kept) == taus
     z = latent.float()
     with torch.no_grad():
@@ -35,7 +35,7 @@ def test_inversion_equals_diffusers_ddim_inverse_scheduler(engine: PnPEngine):
 def test_v_prediction_inversion_converts_each_output(v_engine: PnPEngine):
     latent = source_latent(v_engine)
     taus = v_engine.schedule.inversion_timesteps(10)
-    kept = invert(v_engine.unet, v_engine.schedule, latent, v_engine.model.encode_text([""]), 10, set(taus))
+    kept = invert(v_engine.model.injection_unet, v_engine.schedule, latent, v_engine.model.encode_text([""]), 10, set(taus))
     alphas = reference_scheduler(v_engine, 10).alphas_cumprod.double()
     z = latent.double()
     with torch.no_grad():
@@ -81,13 +81,13 @@ def test_feature_recorder_keeps_exactly_the_injected_steps_of_each_call():
     """Calls of 3 steps, 2 sources a step: the ResNet site keeps 4 steps, the attention sites 2; rows past
     those are dropped, and the kept ones are copies in tensors of their final size."""
     query = attention_keys()[0]
-    recorder = FeatureRecorder(resnet_steps=4, attention_steps=2, sources=2)
+    recorder = FeatureRecorder(InjectionSteps(feature_injection_steps=4, attention_injection_steps=2), guidance_halves=True)
     calls = [torch.arange(start * 2, (start + 3) * 2, dtype=torch.float32).reshape(6, 1) for start in (0, 3)]
     for start, rows in zip((0, 3), calls):
         recorder.record(start, {RESNET_KEY: rows, query: rows + 100})
     calls[0].zero_()  # what was recorded does not alias the capture
     features = recorder.features()
-    assert (features.resnet_steps, features.attention_steps) == (4, 2)
+    assert features.steps == InjectionSteps(4, 2)
     assert features.features[RESNET_KEY].squeeze(-1).tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert features.features[query].squeeze(-1).tolist() == [[100, 101], [102, 103]]
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in features.features.values())

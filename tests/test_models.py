@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
-from helpers import HORSE, config
+from tests.helpers import HORSE, config
 from transformers import CLIPTextModel
 
 from pnp import ModelError, PnPEngine, models

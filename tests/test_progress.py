@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from helpers import HORSE, config
+from tests.helpers import HORSE, config
 
 from pnp import PnPEngine
 from pnp import progress as progress_module

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import HORSE, config, horse_at, pixels, reference_sampling, source_latent, write
+from tests.helpers import HORSE, config, horse_at, pixels, reference_sampling, source_latent, write
 from PIL import Image
 
 from pnp import InputError, PnPEngine, image_io
@@ -66,7 +66,7 @@ def test_masked_translation_follows_the_latent_and_pixel_blends(engine: PnPEngin
     latent_mask = torch.nn.functional.avg_pool2d(mask_pixels[None, None].float(), 8)
     timesteps = engine.schedule.sampling_timesteps(10)
     image_latent = source_latent(engine)
-    z_src = invert(engine.unet, engine.schedule, image_latent, engine.model.encode_text([""]), 10, set(timesteps))
+    z_src = invert(engine.model.injection_unet, engine.schedule, image_latent, engine.model.encode_text([""]), 10, set(timesteps))
     kept = [z_src[t] for t in timesteps[1:]] + [image_latent]
     x = reference_sampling(
         engine, z_src[timesteps[0]], "a cat", 7.5, 10, after_step=lambda i, x: latent_mask * x + (1 - latent_mask) * kept[i]

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import HORSE, config, reference_scheduler
+from tests.helpers import HORSE, config, reference_scheduler
 
 from pnp import InputError, PnPEngine
 from pnp.config import INPUTS
@@ -67,8 +67,8 @@ def test_v_to_epsilon_and_the_ddim_step_give_diffusers_own_v_prediction_step(v_e
     generator = torch.Generator().manual_seed(0)
     x, v = torch.randn((2, 1, 4, 8, 8), generator=generator)
     for i, t in enumerate(scheduler.timesteps.tolist()):
-        alpha = v_engine.schedule.alpha(t)
-        alpha_next = v_engine.schedule.alpha(int(scheduler.timesteps[i + 1]) if i + 1 < 10 else None)
+        alpha = v_engine.schedule.alpha_bar(t)
+        alpha_next = v_engine.schedule.alpha_bar(int(scheduler.timesteps[i + 1]) if i + 1 < 10 else None)
         eps = v_engine.schedule.epsilon(v, x, alpha)
         # ε = sqrt(ᾱ) v + sqrt(1 − ᾱ) z, written out independently in float64.
         expected = math.sqrt(alpha) * v.double() + math.sqrt(1 - alpha) * x.double()

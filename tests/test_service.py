@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import SERVICE_CACHE_BYTES
-from helpers import HORSE, encode, entries_for, inputs, model_dtypes, nan_unet_hook, pixels, sizes, write
+from tests.helpers import SERVICE_CACHE_BYTES, HORSE, encode, entries_for, inputs, model_dtypes, nan_unet_hook, pixels, sizes, write
 from PIL import Image
 
 import pnp.engine as engine_module
 from pnp.config import INPUTS, MAX_PROMPTS
 from pnp.engine import PnPEngine, PnPResult, RunStats
 from pnp.errors import InputError, NonFiniteError
+from pnp.injection import InjectionSteps
 
 
 def out_dirs(service: SimpleNamespace) -> set[str]:
@@ -230,7 +230,7 @@ def test_a_fault_in_any_phase_leaves_the_service_ready(service, reference_output
 
     monkeypatch.setattr(engine_module, "invert", in_phase("inversion", engine_module.invert))
     monkeypatch.setattr(engine_module, "extract_features", in_phase("extraction", engine_module.extract_features))
-    monkeypatch.setattr(engine_module, "translate", in_phase("translation", engine_module.translate))
+    monkeypatch.setattr(engine, "translate", in_phase("translation", engine.translate))
     raised = []
 
     def fault(module, args):
@@ -252,7 +252,7 @@ def test_a_fault_in_any_phase_leaves_the_service_ready(service, reference_output
     assert out_dirs(service) == dirs
     assert hook_count(engine) == hooks
     # The sites neither inject stale features nor keep capturing (and holding) their outputs.
-    assert engine.unet.idle
+    assert engine.model.injection_unet.idle
     assert model_dtypes(engine) == {torch.float32}
     entries = entries_for(engine, "fault")
     if phase in ("inversion", "extraction"):
@@ -261,7 +261,7 @@ def test_a_fault_in_any_phase_leaves_the_service_ready(service, reference_output
         ((_, entry),) = entries
         timesteps = engine.schedule.sampling_timesteps(FAULT_REQUEST["num_inference_steps"])
         assert set(timesteps) <= set(entry.latents)
-        assert entry.features.resnet_steps >= 8 and entry.features.attention_steps >= 5  # n_f, n_a of 10 steps
+        assert entry.features.steps.covers(InjectionSteps(8, 5))  # n_f, n_a of 10 steps
         assert entry.is_finite()
 
     # Ready: a new image, then the same request, succeed with the images of a predictor that never failed

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import (
+from tests.helpers import (
     HORSE,
     SiteRecorder,
     assert_sites_follow_the_source,
