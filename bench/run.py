@@ -1,4 +1,5 @@
-"""Benchmark: a fixed set of requests on one engine, timed per phase and checked against the cost model (docs/cost-model.md).
+"""Benchmark: a fixed set of requests on one engine, timed per phase and checked against the cost model
+(docs/cost-model.md).
 
     python -m bench.run                                   # tiny random model on the CPU
     python -m bench.run --model /path/to/sd15             # any diffusers directory
@@ -42,7 +43,9 @@ from pnp.testing import make_random_model
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = REPO / "examples" / "horse.jpg"
 DEFAULT_JSON = REPO / "bench" / "results.json"
-TINY_IMAGE_SIZE = 256  # the tiny model's first blocks attend over every latent pixel: 512 takes minutes a request on 2 cores
+TINY_IMAGE_SIZE = (
+    256  # the tiny model's first blocks attend over every latent pixel: 512 takes minutes a request on 2 cores
+)
 
 # The published model (daanelson/plug_and_play_image_translation): a 999-step inversion, a 999-step
 # reconstruction with two UNet evaluations a step, then 50 sampling steps of two evaluations per prompt.
@@ -51,8 +54,18 @@ PUBLISHED_SAMPLING_STEPS = 50
 
 PROMPTS_1 = ["a photo of a robot horse"]
 PROMPTS_1_OTHER = ["a photo of a golden horse"]
-PROMPTS_4 = ["a photo of a zebra", "a bronze statue of a horse", "a watercolor painting of a horse", "a toy horse made of lego"]
-PROMPTS_4_OTHER = ["a photo of a unicorn", "a marble statue of a horse", "a pencil sketch of a horse", "a horse made of wood"]
+PROMPTS_4 = [
+    "a photo of a zebra",
+    "a bronze statue of a horse",
+    "a watercolor painting of a horse",
+    "a toy horse made of lego",
+]
+PROMPTS_4_OTHER = [
+    "a photo of a unicorn",
+    "a marble statue of a horse",
+    "a pencil sketch of a horse",
+    "a horse made of wood",
+]
 GENERATION_PROMPT = "a photo of a horse in a field"
 # The requests' keys, each with the request whose cache entry it reuses.
 REQUEST_KEYS = {"new-1": None, "repeat-1": "new-1", "new-4": None, "repeat-4": "new-4", "generation": None}
@@ -193,7 +206,9 @@ def run_all(engine: PnPEngine, benchmarked: list[Request]) -> tuple[list[dict], 
 
 
 def max_pixel_difference(images: list[Image.Image], reference: list[Image.Image]) -> int:
-    return max(int(np.abs(np.asarray(a, int) - np.asarray(b, int)).max()) for a, b in zip(images, reference, strict=True))
+    return max(
+        int(np.abs(np.asarray(a, int) - np.asarray(b, int)).max()) for a, b in zip(images, reference, strict=True)
+    )
 
 
 COLUMNS = [
@@ -215,11 +230,15 @@ def format_table(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The header lines and the rows as a fixed-width text table."""
     lines = [f"{key}: {value}" for key, value in header.items()]
     widths = [len(fmt.format(rows[0][key])) if rows else len(title) for key, title, fmt in COLUMNS]
-    widths = [max(w, len(title)) for w, (_, title, _) in zip(widths, COLUMNS)]
-    lines.append("  ".join(title.rjust(w) if i else title.ljust(w) for i, (w, (_, title, _)) in enumerate(zip(widths, COLUMNS))))
+    widths = [max(w, len(title)) for w, (_, title, _) in zip(widths, COLUMNS, strict=True)]
+    titles = [title for _, title, _ in COLUMNS]
+    lines.append(
+        "  ".join(t.rjust(w) if i else t.ljust(w) for i, (w, t) in enumerate(zip(widths, titles, strict=True)))
+    )
     for row in rows:
         cells = [fmt.format(row[key]) for key, _, fmt in COLUMNS]
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (w, c) in enumerate(zip(widths, cells))))
+        padded = [c.rjust(w) if i else c.ljust(w) for i, (w, c) in enumerate(zip(widths, cells, strict=True))]
+        lines.append("  ".join(padded))
     return "\n".join(lines)
 
 
@@ -227,11 +246,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", help="diffusers model directory (default: a tiny random model in a temp dir)")
-    model.add_argument("--full-size-random", metavar="DIR", help="write a random SD 1.5-sized model to DIR if absent, and use it")
+    model.add_argument(
+        "--full-size-random", metavar="DIR", help="write a random SD 1.5-sized model to DIR if absent, and use it"
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on CUDA, float32 on CPU"
+    )
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="input image (default: examples/horse.jpg)")
-    parser.add_argument("--image-size", type=int, help=f"working size (default 512; {TINY_IMAGE_SIZE} for the tiny default model)")
+    parser.add_argument(
+        "--image-size", type=int, help=f"working size (default 512; {TINY_IMAGE_SIZE} for the tiny default model)"
+    )
     parser.add_argument("--steps", type=int, default=50, help="num_inference_steps (default 50)")
     parser.add_argument(
         "--requests",
@@ -240,7 +265,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(REQUEST_KEYS)} (default: all); a repeat needs its new image",
     )
     parser.add_argument(
-        "--channels-last", action="store_true", help="UNet and VAE weights in channels_last (NHWC) layout, for every row"
+        "--channels-last",
+        action="store_true",
+        help="UNet and VAE weights in channels_last (NHWC) layout, for every row",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the table as JSON")
@@ -293,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # The warm-up compiles every graph the requests need: its time is the compile time.
             compile_seconds = warm_up(engine, benchmarked, args.image)
             compiled_rows, compiled_images = run_all(engine, benchmarked)
-            for row, images, reference in zip(compiled_rows, compiled_images, eager_images):
+            for row, images, reference in zip(compiled_rows, compiled_images, eager_images, strict=True):
                 row["max_pixel_diff_vs_eager"] = max_pixel_difference(images, reference)
             rows += compiled_rows
 
@@ -307,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "image": _display_path(args.image),
         "image_size": image_size,
         "num_inference_steps": args.steps,
-        "peak memory": "CUDA max_memory_allocated per request" if device.type == "cuda"
+        "peak memory": "CUDA max_memory_allocated per request"
+        if device.type == "cuda"
         else "process peak RSS (a high-water mark of the whole process, never goes down)",
         "warm-up": "each request once, unreported, first" if device.type == "cuda" else "none (CPU)",
     }
@@ -318,13 +346,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"compiled images differ from eager ones by at most {difference} grey levels"
         )
     elif args.compile:
-        header["compile"] = "torch.compile failed: the UNet and the VAE decoder fell back to eager (see the warning above)"
+        header["compile"] = (
+            "torch.compile failed: the UNet and the VAE decoder fell back to eager (see the warning above)"
+        )
     if device.type == "cpu":
         header["load average"] = " ".join(f"{load:.1f}" for load in os.getloadavg()) + " (1, 5, 15 min; after the run)"
     if tiny:
-        header["note"] = (
-            f"tiny random model: timings show the engine's overheads, not a real model's speed"
-            + ("" if args.image_size else f"; image size {TINY_IMAGE_SIZE} by default for it (512 for real models)")
+        header["note"] = "tiny random model: timings show the engine's overheads, not a real model's speed" + (
+            "" if args.image_size else f"; image size {TINY_IMAGE_SIZE} by default for it (512 for real models)"
         )
     table = {"header": header, "rows": rows}
     print(format_table(header, rows))

@@ -1,4 +1,6 @@
-"""The command line: `python -m pnp IMAGE "prompt one; prompt two" --out DIR [--mask PATH] [--config PRESET] [--INPUT VALUE ...]`.
+"""The command line: `pnp IMAGE "prompt one; prompt two" --out DIR [--mask PATH] [--config PRESET] [--INPUT VALUE]`.
+
+`pnp` is the console script that installing the package makes; `python -m pnp` is the same.
 
 With `--generation_prompt TEXT` (or a preset that sets it) the image is left out and the source is
 generated. Every public input is an option of the same name; a preset (a YAML file or a name in
@@ -20,12 +22,17 @@ from .image_io import save_images
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pnp",
+        prog="pnp",
         description="Edit an image with text by Plug-and-Play diffusion feature injection.",
-        epilog='Examples: python -m pnp examples/horse.jpg "a photo of a robot horse; a horse made of lego" '
-        '--out outputs | python -m pnp --generation_prompt "a photo of a horse" "a robot horse" --out outputs',
+        epilog='Examples: pnp examples/horse.jpg "a photo of a robot horse; a horse made of lego" '
+        '--out outputs | pnp --generation_prompt "a photo of a horse" "a robot horse" --out outputs',
     )
-    parser.add_argument("inputs", nargs="+", metavar="[IMAGE] PROMPTS", help="the image (unless generating) and the ';'-separated target prompts")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="[IMAGE] PROMPTS",
+        help="the image (unless generating) and the ';'-separated target prompts",
+    )
     parser.add_argument("--out", default="outputs", help="directory for the images (default: outputs)")
     parser.add_argument("--config", help="a preset: a YAML file, or real, generated or primitive from configs/")
     parser.add_argument("--mask", metavar="PATH", help="region to edit: white is edited, black keeps the image exactly")

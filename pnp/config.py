@@ -82,8 +82,7 @@ INPUTS: dict[str, InputSpec] = {
     "generation_prompt": InputSpec(
         str,
         "",
-        "Generate the source image from this text instead of using input_image; the generated image "
-        "is returned first.",
+        "Generate the source image from this text instead of using input_image; the generated image is returned first.",
     ),
     "scale": InputSpec(float, 10.0, "Classifier-free guidance scale of the translation.", minimum=0.0, maximum=30.0),
     "feature_injection_threshold": InputSpec(
@@ -105,7 +104,8 @@ INPUTS: dict[str, InputSpec] = {
     "negative_prompt_alpha": InputSpec(
         float,
         1.0,
-        "Strength of the negative prompt, lower is stronger: the unconditional branch gets weight alpha times the schedule, the negative prompt the rest (with the constant schedule, 1 leaves it out).",
+        "Strength of the negative prompt, lower is stronger: the unconditional branch gets weight alpha times "
+        "the schedule, the negative prompt the rest (with the constant schedule, 1 leaves it out).",
         minimum=0.0,
         maximum=1.0,
     ),
@@ -127,7 +127,9 @@ INPUTS: dict[str, InputSpec] = {
         choices=tuple(NEGATIVE_PROMPT_SCHEDULES),
     ),
     "inversion_prompt": InputSpec(
-        str, "", "Text that conditions the DDIM inversion of the input image (the source features always use the empty prompt)."
+        str,
+        "",
+        "Text that conditions the DDIM inversion of the input image (the source features always use the empty prompt).",
     ),
     "image_size": InputSpec(
         int,
@@ -153,7 +155,8 @@ OUTPUT_FORMAT = InputSpec(str, "png", "Format of the returned images.", choices=
 
 
 def parse_prompts(prompts: str | Sequence[str]) -> tuple[str, ...]:
-    """Split `;`-separated prompts (text, or a list of texts), dropping blank ones; refuse none or more than MAX_PROMPTS."""
+    """Split `;`-separated prompts (text, or a list of texts), dropping blank ones; refuse none or more than
+    MAX_PROMPTS."""
     if isinstance(prompts, (list, tuple)) and all(isinstance(prompt, str) for prompt in prompts):
         prompts = ";".join(prompts)
     if not isinstance(prompts, str):
@@ -209,7 +212,8 @@ class PnPConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PnPConfig:
-        """Validate `values` (defaults for what is missing); `translation_prompts` may be `;`-separated text or a list."""
+        """Validate `values` (defaults for what is missing); `translation_prompts` may be `;`-separated text or
+        a list."""
         unknown = sorted(set(values) - set(INPUTS))
         if unknown:
             raise InputError(unknown[0], f"unknown input; known inputs are {', '.join(INPUTS)}")

@@ -24,7 +24,15 @@ from PIL import Image
 from .cache import SourceCache, SourceEntry, SourceKey
 from .config import INPUTS, PnPConfig
 from .errors import InputError, ModelError, NonFiniteError
-from .image_io import ImageSource, decoded_to_pixels, image_to_tensor, load_image, load_mask, pixels_to_images, prepare_image
+from .image_io import (
+    ImageSource,
+    decoded_to_pixels,
+    image_to_tensor,
+    load_image,
+    load_mask,
+    pixels_to_images,
+    prepare_image,
+)
 from .injection import InjectionSteps
 from .inversion import extract_features, invert
 from .models import StableDiffusion, load_model
@@ -68,8 +76,15 @@ class RunStats:
 
     def summary(self) -> str:
         lines = [f"{name:<12} {p.seconds:8.2f} s {p.unet_evals:6d} UNet evals" for name, p in self.phases.items()]
-        notes = [note for note, applies in (("cached inversion", self.cache_hit), ("float32 retry", self.float32_retry)) if applies]
-        lines.append(f"{'total':<12} {self.seconds:8.2f} s {self.unet_evals:6d} UNet evals" + (f" ({', '.join(notes)})" if notes else ""))
+        notes = [
+            note
+            for note, applies in (("cached inversion", self.cache_hit), ("float32 retry", self.float32_retry))
+            if applies
+        ]
+        lines.append(
+            f"{'total':<12} {self.seconds:8.2f} s {self.unet_evals:6d} UNet evals"
+            + (f" ({', '.join(notes)})" if notes else "")
+        )
         return "\n".join(lines)
 
 
@@ -242,7 +257,9 @@ class PnPEngine:
         timesteps = self.schedule.sampling_timesteps(config.num_inference_steps)
         if config.generation_mode:
             if mask is not None:
-                raise InputError("mask", "works only with an input_image; in generation mode there is no input image to keep")
+                raise InputError(
+                    "mask", "works only with an input_image; in generation mode there is no input image to keep"
+                )
             seed = config.seed if config.seed is not None else secrets.randbits(32)
             return CheckedRequest(config, timesteps, SeededNoise(seed))
         if image is None:
@@ -291,7 +308,9 @@ class PnPEngine:
             dtype=torch.float32,
         ).to(self.model.device, self.model.dtype)
         steps = len(request.timesteps)
-        guidance = Guidance(embeddings.unconditional, embeddings.source, None, GENERATION_GUIDANCE_SCALE, (1.0,) * steps)
+        guidance = Guidance(
+            embeddings.unconditional, embeddings.source, None, GENERATION_GUIDANCE_SCALE, (1.0,) * steps
+        )
         latent, features = generate_source(self._denoiser(request, guidance), noise, request.config.injection_steps)
         return GeneratedSource(start_latent=noise, features=features, latent=latent, seed=seed)
 
@@ -311,13 +330,17 @@ class PnPEngine:
                 image_latent = self.model.encode_image(image_to_tensor(request.source.image)).float()
             with self._phase(stats, "inversion"):
                 inversion_steps = request.config.ddim_inversion_steps
-                latents = invert(unet, self.schedule, image_latent, embeddings.source, inversion_steps, set(request.timesteps))
+                latents = invert(
+                    unet, self.schedule, image_latent, embeddings.source, inversion_steps, set(request.timesteps)
+                )
         else:
             image_latent, latents = partial_entry.image_latent, partial_entry.latents
         captured = request.timesteps[: steps.capture_steps]
         with self._phase(stats, "extraction"):
             batch_size = self._batch_size(request.size)
-            features = extract_features(unet, [latents[t] for t in captured], captured, embeddings.unconditional, batch_size, steps)
+            features = extract_features(
+                unet, [latents[t] for t in captured], captured, embeddings.unconditional, batch_size, steps
+            )
         return SourceEntry(image_latent, latents, features)
 
     def prepare_region(self, request: CheckedRequest, source: Source) -> EditRegion | None:
@@ -339,7 +362,9 @@ class PnPEngine:
             if embeddings.negative is not None
             else [1.0] * num_steps
         )
-        guidance = Guidance(embeddings.unconditional, embeddings.targets, embeddings.negative, config.scale, tuple(weights))
+        guidance = Guidance(
+            embeddings.unconditional, embeddings.targets, embeddings.negative, config.scale, tuple(weights)
+        )
         denoiser = self._denoiser(request, guidance, Injection(source.features, config.injection_steps))
         start = source.start_latent.float().expand(guidance.count, *source.start_latent.shape[1:])
         return sample(denoiser, start, self.schedule, request.timesteps, "translation", region)

@@ -61,7 +61,9 @@ def _decode(source: ImageSource, input_name: str) -> Image.Image:
         # Pillow only warns between its own limit and twice that; a warning must refuse the image too.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = source if isinstance(source, Image.Image) else Image.open(io.BytesIO(_read_bytes(source, input_name)))
+            image = (
+                source if isinstance(source, Image.Image) else Image.open(io.BytesIO(_read_bytes(source, input_name)))
+            )
             _check_size(image, input_name)
             image.load()  # decodes every pixel now, so a truncated file fails here and not later in the engine
             return ImageOps.exif_transpose(image)
@@ -148,7 +150,8 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def image_to_pixels(image: Image.Image) -> torch.Tensor:
-    """A (1, 3, H, W) float32 tensor of the RGB pixels in [0, 1]: uint8 / 255, as images are blended (docs/algorithm.md §8)."""
+    """A (1, 3, H, W) float32 tensor of the RGB pixels in [0, 1]: uint8 / 255, as images are blended
+    (docs/algorithm.md §8)."""
     return (_rgb_values(image) / 255).unsqueeze(0)
 
 

@@ -73,7 +73,9 @@ def locate_sites(unet: torch.nn.Module) -> tuple[ResnetBlock2D, dict[str, Attent
             and attention.rescale_output_factor == 1.0
         )
         if not plain:
-            raise ModelError(f"the self-attention at {site} is not the plain self-attention of Stable Diffusion's layout")
+            raise ModelError(
+                f"the self-attention at {site} is not the plain self-attention of Stable Diffusion's layout"
+            )
     return resnet, attentions
 
 
@@ -148,9 +150,7 @@ class FeatureRecorder:
         steps from `first_step` on."""
         rows_per_step = 2 if self.guidance_halves else 1
         for key, rows in captured.items():
-            kept = (
-                self.steps.feature_injection_steps if key == RESNET_KEY else self.steps.attention_injection_steps
-            )
+            kept = self.steps.feature_injection_steps if key == RESNET_KEY else self.steps.attention_injection_steps
             values = rows.unflatten(0, (-1, rows_per_step))[: max(0, kept - first_step)]
             if len(values) == 0:
                 continue
@@ -225,7 +225,9 @@ class _SelfAttentionSite:
         def heads(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
 
-        attended = F.scaled_dot_product_attention(heads(query), heads(key), heads(value), dropout_p=0.0, is_causal=False)
+        attended = F.scaled_dot_product_attention(
+            heads(query), heads(key), heads(value), dropout_p=0.0, is_causal=False
+        )
         attended = attended.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](attended))
 

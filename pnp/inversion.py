@@ -54,9 +54,9 @@ def extract_features(
     """
     recorder = FeatureRecorder(steps, guidance_halves=False)
     chunked_timesteps = device_timesteps(timesteps, text_embedding.device, batch_size)
-    for start, chunk_timesteps in zip(range(0, len(latents), batch_size), chunked_timesteps):
+    for start in range(0, len(latents), batch_size):
         chunk = torch.cat(latents[start : start + batch_size]).to(unet.dtype)
         with unet.capturing() as captured:
-            unet(chunk, chunk_timesteps, text_embedding.expand(len(chunk), -1, -1))
+            unet(chunk, chunked_timesteps[start // batch_size], text_embedding.expand(len(chunk), -1, -1))
         recorder.record(start, captured)
     return recorder.features()

@@ -131,9 +131,7 @@ class StableDiffusion:
     def decode_latents(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
         """VAE decoding of latents, `batch_size` at a time; values are roughly in [-1, 1]."""
         scaled = latents / self.vae.config.scaling_factor
-        return torch.cat(
-            [self.vae_decode(chunk.to(self.dtype)).sample for chunk in scaled.split(batch_size)]
-        )
+        return torch.cat([self.vae_decode(chunk.to(self.dtype)).sample for chunk in scaled.split(batch_size)])
 
 
 def select_device(device: str | None = None) -> torch.device:
@@ -178,7 +176,11 @@ def download_weights(model_id: str = DEFAULT_MODEL_ID, local_dir: Path | None = 
     configs = ["model_index.json", "scheduler/*.json", "tokenizer/*", *(f"{c}/config.json" for c in COMPONENTS)]
     try:
         path = Path(
-            snapshot_download(model_id, local_dir=local_dir, allow_patterns=[*configs, *(f"{c}/*.fp16.safetensors" for c in COMPONENTS)])
+            snapshot_download(
+                model_id,
+                local_dir=local_dir,
+                allow_patterns=[*configs, *(f"{c}/*.fp16.safetensors" for c in COMPONENTS)],
+            )
         )
         missing = _weights_missing(path)
         if missing:
@@ -186,7 +188,10 @@ def download_weights(model_id: str = DEFAULT_MODEL_ID, local_dir: Path | None = 
                 snapshot_download(
                     model_id,
                     local_dir=local_dir,
-                    allow_patterns=[f"{c}/{'model' if c == 'text_encoder' else 'diffusion_pytorch_model'}.safetensors" for c in missing],
+                    allow_patterns=[
+                        f"{c}/{'model' if c == 'text_encoder' else 'diffusion_pytorch_model'}.safetensors"
+                        for c in missing
+                    ],
                 )
             )
     except Exception as error:  # the hub client raises many kinds: offline, not found, gated, HTTP
@@ -253,7 +258,9 @@ def load_model(
             "tokenizer/ and scheduler/); run script/download-weights or point PNP_MODEL at one"
         )
     scheduler_config = dict(DDIMScheduler.load_config(path / "scheduler"))
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", variant=_variant(path / "unet"), torch_dtype=target_dtype)
+    unet = UNet2DConditionModel.from_pretrained(
+        path / "unet", variant=_variant(path / "unet"), torch_dtype=target_dtype
+    )
     check_model(unet, scheduler_config)
     vae = AutoencoderKL.from_pretrained(path / "vae", variant=_variant(path / "vae"), torch_dtype=target_dtype)
     text_encoder = CLIPTextModel.from_pretrained(
@@ -285,4 +292,3 @@ def load_model(
         ", UNet and VAE decoder compiled on first use" if compiled else "",
     )
     return loaded
-

@@ -1,4 +1,5 @@
-"""Region editing with a mask (docs/algorithm.md §8): the source is kept outside the edit region, in latents and in pixels.
+"""Region editing with a mask (docs/algorithm.md §8): the source is kept outside the edit region, in latents
+and in pixels.
 
 After every DDIM step the latents outside the mask are put back on the source's own trajectory, the
 inversion's latents (the blend of Blended Latent Diffusion, Avrahami et al. 2023, arXiv 2206.02779,

@@ -75,19 +75,19 @@ class NoiseSchedule:
         reason = (
             f"are more than the model's {trained} training timesteps"
             if num_steps > trained
-            else f"need timestep {max(self.sampling_timesteps(num_steps))}, outside the model's {trained} training timesteps"
+            else f"need timestep {max(self.sampling_timesteps(num_steps))}, "
+            f"outside the model's {trained} training timesteps"
         )
         raise InputError(input_name, f"{num_steps} steps {reason}; the largest valid value is {largest}")
 
     def check_nesting(self, num_inference_steps: int, ddim_inversion_steps: int, low: int, high: int) -> None:
-        """Refuse inversion steps whose timesteps miss a sampling timestep, naming the nearest valid counts in [low, high]."""
+        """Refuse inversion steps whose timesteps miss a sampling timestep, naming the nearest valid counts in
+        [low, high]."""
         sampling = set(self.sampling_timesteps(num_inference_steps))
         if sampling <= set(self.sampling_timesteps(ddim_inversion_steps)):
             return
         valid = [
-            m
-            for m in range(low, high + 1)
-            if sampling <= set(self.sampling_timesteps(m)) and self.in_training_range(m)
+            m for m in range(low, high + 1) if sampling <= set(self.sampling_timesteps(m)) and self.in_training_range(m)
         ]
         nearest = sorted(sorted(valid, key=lambda m: (abs(m - ddim_inversion_steps), m))[:3])
         raise InputError(

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from PIL import Image
 
 from .cache import SourceEntry

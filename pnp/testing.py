@@ -84,43 +84,10 @@ def make_random_model(
     """
     path = Path(path)
     torch.manual_seed(seed)
-    unet_config = dict(_TINY_UNET if size == "tiny" else _SD15_UNET)
-    if layout == "sd2":
-        unet_config.update(use_linear_projection=True, attention_head_dim=(2, 4, 8, 8) if size == "tiny" else (5, 10, 20, 20))
-        if size == "full":
-            unet_config["cross_attention_dim"] = 1024
-    elif layout != "sd1":
-        raise ValueError(f"layout must be 'sd1' or 'sd2', not {layout!r}")
+    unet_config = _unet_config(layout, size)
     UNet2DConditionModel(**unet_config).save_pretrained(path / "unet")
-
-    tiny = size == "tiny"
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16) if tiny else (128, 256, 512, 512),
-        layers_per_block=1 if tiny else 2,
-        latent_channels=4,
-        norm_num_groups=8 if tiny else 32,
-        sample_size=64 if tiny else 512,
-        scaling_factor=0.18215,
-    ).save_pretrained(path / "vae")
-
-    tokenizer = make_tokenizer(path / "tokenizer")
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=unet_config["cross_attention_dim"],
-        intermediate_size=37 if tiny else 3072,
-        num_hidden_layers=2 if tiny else 12,
-        num_attention_heads=4 if tiny else 12,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    CLIPTextModel(text_config).save_pretrained(path / "text_encoder")
-
+    _write_vae(path / "vae", tiny=size == "tiny")
+    _write_text_encoder(path, unet_config["cross_attention_dim"], tiny=size == "tiny")
     DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -143,3 +110,48 @@ def make_random_model(
         )
     )
     return path
+
+
+def _unet_config(layout: str, size: str) -> dict:
+    config = dict(_TINY_UNET if size == "tiny" else _SD15_UNET)
+    if layout == "sd2":
+        config.update(
+            use_linear_projection=True, attention_head_dim=(2, 4, 8, 8) if size == "tiny" else (5, 10, 20, 20)
+        )
+        if size == "full":
+            config["cross_attention_dim"] = 1024
+    elif layout != "sd1":
+        raise ValueError(f"layout must be 'sd1' or 'sd2', not {layout!r}")
+    return config
+
+
+def _write_vae(path: Path, tiny: bool) -> None:
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16) if tiny else (128, 256, 512, 512),
+        layers_per_block=1 if tiny else 2,
+        latent_channels=4,
+        norm_num_groups=8 if tiny else 32,
+        sample_size=64 if tiny else 512,
+        scaling_factor=0.18215,
+    ).save_pretrained(path)
+
+
+def _write_text_encoder(path: Path, hidden_size: int, tiny: bool) -> None:
+    """The tokenizer and a CLIP text encoder whose width is the UNet's cross-attention width."""
+    tokenizer = make_tokenizer(path / "tokenizer")
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=37 if tiny else 3072,
+        num_hidden_layers=2 if tiny else 12,
+        num_attention_heads=4 if tiny else 12,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    CLIPTextModel(text_config).save_pretrained(path / "text_encoder")

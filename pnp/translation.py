@@ -119,7 +119,8 @@ class Denoiser:
             chunk = {key: value if len(value) == 1 else value[lo:hi] for key, value in features.items()}
             outputs.append(self.unet(latents[lo:hi], self._device_timesteps[step], context[lo:hi], chunk))
         alpha_bar = self.schedule.alpha_bar(self.timesteps[step])
-        eps = {b: self.schedule.epsilon(out, x, alpha_bar) for b, out in zip(branches, torch.cat(outputs).split(count))}
+        outputs_by_branch = zip(branches, torch.cat(outputs).split(count), strict=True)
+        eps = {branch: self.schedule.epsilon(output, x, alpha_bar) for branch, output in outputs_by_branch}
         return self.guidance.combine(eps, step)
 
 
@@ -142,7 +143,9 @@ def sample(
 
 
 @torch.no_grad()
-def generate_source(denoiser: Denoiser, noise: torch.Tensor, steps: InjectionSteps) -> tuple[torch.Tensor, SourceFeatures]:
+def generate_source(
+    denoiser: Denoiser, noise: torch.Tensor, steps: InjectionSteps
+) -> tuple[torch.Tensor, SourceFeatures]:
     """Sample a source image from `noise` and capture its features: at each step i < max(n_f, n_a) the
     sites' outputs of both guidance halves, unconditional then conditional (docs/algorithm.md §4)."""
     recorder = FeatureRecorder(steps, guidance_halves=True)

@@ -7,4 +7,6 @@ from pathlib import Path
 # imported, which diffusers does: it, and what the compile test caches there, go to the tests' own
 # temporary tree in the checkout (pyproject.toml's --basetemp), not the system's temp directory. This
 # package is imported before conftest.py imports torch; the Cog server the HTTP tests start inherits it.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest-tmp" / "torchinductor"))
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest-tmp" / "torchinductor")
+)

@@ -201,10 +201,12 @@ def site_features(name: str, module: Any, inputs: tuple) -> dict[str, torch.Tens
             capture = Replacing(module, conv2=lambda h: residual.append(module.conv2(h)) or residual[0])
             diffusers_site_output(name, capture, inputs)
             return {RESNET_KEY: residual[0]}
-        return dict(zip(site_keys(name), (module.to_q(inputs[0]), module.to_k(inputs[0]))))
+        return dict(zip(site_keys(name), (module.to_q(inputs[0]), module.to_k(inputs[0])), strict=True))
 
 
-def assert_sites_follow_the_source(calls: list, injected_rows: Callable[[int, str], torch.Tensor], n_f: int, n_a: int) -> None:
+def assert_sites_follow_the_source(
+    calls: list, injected_rows: Callable[[int, str], torch.Tensor], n_f: int, n_a: int
+) -> None:
     """At steps i < n_f (ResNet) and i < n_a (attention) each site gives what diffusers computes with the
     source's features (`injected_rows(step, key)`) in place of its own; at later steps, what it computes alone."""
     for step, call in enumerate(calls):
@@ -213,7 +215,9 @@ def assert_sites_follow_the_source(calls: list, injected_rows: Callable[[int, st
             own = diffusers_site_output(name, module, inputs)
             if step < (n_f if name == RESNET_SITE else n_a):
                 source = {key: injected_rows(step, key) for key in site_keys(name)}
-                torch.testing.assert_close(output, diffusers_site_output(name, module, inputs, source), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    output, diffusers_site_output(name, module, inputs, source), atol=1e-5, rtol=1e-5
+                )
                 assert not torch.allclose(output, own, atol=1e-4), f"{name} at step {step}: the source changed nothing"
             else:
                 torch.testing.assert_close(output, own, atol=1e-5, rtol=1e-5)
@@ -239,7 +243,8 @@ def reference_sampling(
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Plain guided DDIM (diffusers' own scheduler step, eta 0, which reads v-predictions itself) with the
-    negative blend of docs/algorithm.md §5 (weights a_i of §6); `after_step(i, x)` may replace the latents after each step."""
+    negative blend of docs/algorithm.md §5 (weights a_i of §6); `after_step(i, x)` may replace the latents
+    after each step."""
     model = engine.model
     scheduler = reference_scheduler(engine, steps)
     texts = model.encode_text(["", prompt] + ([negative] if negative else []))
@@ -270,4 +275,11 @@ def inverted_noise(engine: PnPEngine, steps: int = 10) -> torch.Tensor:
     from pnp.inversion import invert
 
     t_0 = engine.schedule.sampling_timesteps(steps)[0]
-    return invert(engine.model.injection_unet, engine.schedule, source_latent(engine), engine.model.encode_text([""]), steps, {t_0})[t_0]
+    return invert(
+        engine.model.injection_unet,
+        engine.schedule,
+        source_latent(engine),
+        engine.model.encode_text([""]),
+        steps,
+        {t_0},
+    )[t_0]

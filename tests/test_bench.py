@@ -1,4 +1,5 @@
-"""The benchmark runs end to end on the tiny model, and its UNet evaluation counts match the cost model (docs/cost-model.md)."""
+"""The benchmark runs end to end on the tiny model, and its UNet evaluation counts match the cost model
+(docs/cost-model.md)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def test_expected_evals_match_the_cost_model_at_defaults() -> None:
     assert published_evals(4) == 999 + 2 * 999 + 400
 
 
-def test_benchmark_counts_follow_the_cost_model(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_benchmark_counts_follow_the_cost_model(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "results.json"
     returned = main(["--model", str(tiny_model_dir), "--image-size", "128", "--steps", "10", "--json", str(out)])
     table = json.loads(out.read_text())
@@ -53,12 +56,23 @@ def test_benchmark_counts_follow_the_cost_model(tiny_model_dir: Path, tmp_path: 
     assert "UNet evals" in printed.out and "expected" in printed.out and "pub/ours" in printed.out
     assert f"device: {header['device']}" in printed.out
     # Each row is also printed as soon as it is done, for runs cut short.
-    done = [json.loads(line.split(": ", 1)[1]) for line in printed.err.splitlines() if line.startswith(tuple(REQUEST_KEYS))]
+    done = [
+        json.loads(line.split(": ", 1)[1]) for line in printed.err.splitlines() if line.startswith(tuple(REQUEST_KEYS))
+    ]
     assert done == rows
 
 
 def test_a_subset_of_requests_runs_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
-    arguments = ["--model", str(tiny_model_dir), "--image-size", "128", "--steps", "10", "--json", str(tmp_path / "r.json")]
+    arguments = [
+        "--model",
+        str(tiny_model_dir),
+        "--image-size",
+        "128",
+        "--steps",
+        "10",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     table = main([*arguments, "--requests", "repeat-1,new-1"])
     assert [(r["request"], r["cache_hit"], r["unet_evals"]) for r in table["rows"]] == [
         ("new image", False, 50 + 8 + 20),

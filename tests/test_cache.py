@@ -9,16 +9,18 @@ import logging
 import numpy as np
 import pytest
 import torch
-from tests.helpers import HORSE, config, entries_for, model_dtypes, nan_unet_hook, pixels
 from PIL import Image
 
 from pnp import PnPEngine
 from pnp.cache import SourceCache, SourceEntry, SourceKey
 from pnp.injection import RESNET_KEY, InjectionSteps, SourceFeatures
+from tests.helpers import HORSE, config, entries_for, model_dtypes, nan_unet_hook, pixels
 
 
 def entry_of(nbytes: int) -> SourceEntry:
-    return SourceEntry(torch.zeros(0), {0: torch.zeros(nbytes // 4)}, SourceFeatures({}, InjectionSteps(0, 0), guidance_halves=False))
+    return SourceEntry(
+        torch.zeros(0), {0: torch.zeros(nbytes // 4)}, SourceFeatures({}, InjectionSteps(0, 0), guidance_halves=False)
+    )
 
 
 def key(name: str) -> SourceKey:

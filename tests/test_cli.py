@@ -1,17 +1,19 @@
-"""The command line (pnp.cli): `python -m pnp IMAGE PROMPTS --out DIR`, its generation form, its options
-(the inputs) and its exit codes."""
+"""The command line (pnp.cli): `pnp IMAGE PROMPTS --out DIR` (or `python -m pnp`), its generation form, its
+options (the inputs) and its exit codes."""
 
 from __future__ import annotations
 
 import runpy
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from tests.helpers import HORSE
 from PIL import Image
 
 from pnp.cli import build_parser, main
 from pnp.config import INPUTS, OUTPUT_FORMAT
+from tests.helpers import HORSE
 
 FAST = ["--image_size", "128", "--num_inference_steps", "10", "--ddim_inversion_steps", "10", "--device", "cpu"]
 
@@ -31,7 +33,19 @@ def test_options_are_the_inputs_with_their_types_and_choices():
 
 def test_translates_an_image_with_a_preset_and_overrides(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main([str(HORSE), "a robot horse; a zebra", "--out", str(out), "--model", str(tiny_model_dir), "--config", "primitive", *FAST])
+    code = main(
+        [
+            str(HORSE),
+            "a robot horse; a zebra",
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--config",
+            "primitive",
+            *FAST,
+        ]
+    )
     printed = capsys.readouterr().out.splitlines()
     assert code == 0
     assert printed[:2] == [str(out / "out-0.png"), str(out / "out-1.png")]
@@ -42,7 +56,22 @@ def test_translates_an_image_with_a_preset_and_overrides(tiny_model_dir, tmp_pat
 
 
 def test_generation_form_writes_the_source_first_and_prints_the_seed(tiny_model_dir, tmp_path, capsys):
-    code = main(["--generation_prompt", "a horse", "a zebra", "--out", str(tmp_path), "--model", str(tiny_model_dir), "--seed", "5", "--output_format", "jpg", *FAST])
+    code = main(
+        [
+            "--generation_prompt",
+            "a horse",
+            "a zebra",
+            "--out",
+            str(tmp_path),
+            "--model",
+            str(tiny_model_dir),
+            "--seed",
+            "5",
+            "--output_format",
+            "jpg",
+            *FAST,
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out-0.jpg", "out-1.jpg"]
@@ -79,3 +108,11 @@ def test_runs_as_a_module(monkeypatch, capsys):
     assert exit_.value.code == 0
     help_text = capsys.readouterr().out
     assert "--feature_injection_threshold" in help_text and "--generation_prompt" in help_text
+
+
+def test_the_package_installs_the_pnp_console_script():
+    # pyproject.toml's [project.scripts], installed beside this environment's python.
+    script = Path(sys.executable).parent / "pnp"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: pnp ") and "--generation_prompt" in result.stdout

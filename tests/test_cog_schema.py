@@ -21,11 +21,11 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from tests.helpers import ROOT
 from packaging.requirements import Requirement
 from packaging.version import Version
 
 from pnp.config import INPUTS, OUTPUT_FORMAT
+from tests.helpers import ROOT
 
 SCRIPT = ROOT / "script" / "openapi-schema"
 
@@ -125,15 +125,15 @@ def test_torch_pin_is_the_newest_in_cogs_matrix_for_the_images_cuda_and_python(c
     build = cog_config["build"]
     python, cuda = str(build["python_version"]), str(build["cuda"])
     offered = [
-        Version(entry["Torch"]).public
-        for entry in torch_matrix
-        if entry["CUDA"] == cuda and python in entry["Pythons"]
+        Version(entry["Torch"]).public for entry in torch_matrix if entry["CUDA"] == cuda and python in entry["Pythons"]
     ]
     assert offered, f"Cog's matrix has no torch for CUDA {cuda} on Python {python}"
     newest = max(offered, key=Version)
     pinned = Version(_pins(ROOT / build["python_requirements"])["torch"])
     assert not pinned.local, f"pin torch as {pinned.public}: Cog picks the CUDA build itself"
-    assert pinned == Version(newest), f"torch {pinned} is pinned, but Cog's matrix has {newest} for CUDA {cuda} on Python {python}"
+    assert pinned == Version(newest), (
+        f"torch {pinned} is pinned, but Cog's matrix has {newest} for CUDA {cuda} on Python {python}"
+    )
 
 
 def test_image_requirements_equal_the_engines(cog_config: dict[str, Any]) -> None:
@@ -224,7 +224,12 @@ def test_output_is_a_list_of_files(schema: dict[str, Any]) -> None:
 def test_schema_script_is_deterministic(schema: dict[str, Any]) -> None:
     # Another process (another hash seed) printing to stdout writes the same document as the file.
     printed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--output", "-"], cwd=ROOT, check=True, capture_output=True, text=True, timeout=120
+        [sys.executable, str(SCRIPT), "--output", "-"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     assert json.loads(printed) == schema
 
@@ -272,11 +277,16 @@ def _static_inputs() -> dict[str, dict[str, Any]]:
             try:
                 value = ast.literal_eval(node)
             except ValueError:
-                pytest.fail(f"{where}{ast.get_source_segment(source, node)} is not a literal; `cog build` would drop it")
+                pytest.fail(
+                    f"{where}{ast.get_source_segment(source, node)} is not a literal; `cog build` would drop it"
+                )
             if keyword.arg == "choices":
                 assert isinstance(node, ast.List), f"{where} must be a list literal"
                 items = [ast.get_source_segment(source, item) for item in node.elts]
-                read[keyword.arg] = [_static_string(t) if isinstance(v, str) else _static_number(t) for t, v in zip(items, value, strict=True)]
+                read[keyword.arg] = [
+                    _static_string(t) if isinstance(v, str) else _static_number(t)
+                    for t, v in zip(items, value, strict=True)
+                ]
             elif isinstance(value, str):
                 assert isinstance(node, ast.Constant), f"{where} must be one plain string literal"
                 read[keyword.arg] = _static_string(ast.get_source_segment(source, node))

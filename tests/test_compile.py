@@ -9,11 +9,11 @@ import logging
 import numpy as np
 import pytest
 import torch
-from tests.helpers import HORSE, config
 
 from pnp import ModelError, PnPConfig, PnPEngine
 from pnp.compilation import Compilable
 from pnp.models import select_compile
+from tests.helpers import HORSE, config
 
 REQUESTS = [
     {"translation_prompts": "a robot horse"},
@@ -150,7 +150,9 @@ def test_past_the_graph_limit_new_shapes_run_eagerly_and_compiled_ones_stay(capl
     assert compiled_rows == [1, 2, 1]  # 3 rows, past the limit, ran eagerly both times
     assert compilable.compiled
     warnings = [r.getMessage() for r in caplog.records if r.name == "pnp.compilation"]
-    assert warnings == ["the layer reached torch.compile's limit of 2 graphs; new shapes run eagerly, compiled ones stay"]
+    assert warnings == [
+        "the layer reached torch.compile's limit of 2 graphs; new shapes run eagerly, compiled ones stay"
+    ]
     torch._dynamo.reset()
 
 

@@ -117,11 +117,17 @@ def test_values_are_stored_as_their_inputs_type():
 def test_prompts_are_split_and_stripped_dropping_blank_ones():
     config = PnPConfig.from_mapping({"translation_prompts": " a cat ;; a dog ;"})
     assert config.translation_prompts == ("a cat", "a dog")
-    assert PnPConfig(translation_prompts=["a cat", " ", "a dog; a zebra"]).translation_prompts == ("a cat", "a dog", "a zebra")
+    assert PnPConfig(translation_prompts=["a cat", " ", "a dog; a zebra"]).translation_prompts == (
+        "a cat",
+        "a dog",
+        "a zebra",
+    )
 
 
 def test_injection_step_bounds_truncate():
-    config = PnPConfig.from_mapping({"num_inference_steps": 33, "feature_injection_threshold": 0.8, "attention_injection_threshold": 0.5})
+    config = PnPConfig.from_mapping(
+        {"num_inference_steps": 33, "feature_injection_threshold": 0.8, "attention_injection_threshold": 0.5}
+    )
     assert (config.feature_injection_steps, config.attention_injection_steps) == (26, 16)
 
 

@@ -7,9 +7,9 @@ The benchmark's rows (tests/test_bench.py) check the same formula for four promp
 from __future__ import annotations
 
 import pytest
-from tests.helpers import HORSE, config
 
 from pnp import PnPConfig, PnPEngine
+from tests.helpers import HORSE, config
 
 
 def test_cost_model_of_the_default_request(engine: PnPEngine):
@@ -28,7 +28,12 @@ def test_cost_model_of_generation_mode(engine: PnPEngine):
     """2N for the guided source, its own "generation" phase (it captures the features: no extraction), then 2NP."""
     stats = engine(config(generation_prompt="a horse", translation_prompts="a cat; a dog", seed=0), None).stats
     assert {name: phase.unet_evals for name, phase in stats.phases.items()} == {
-        "load": 0, "inversion": 0, "extraction": 0, "generation": 20, "translation": 40, "decode": 0
+        "load": 0,
+        "inversion": 0,
+        "extraction": 0,
+        "generation": 20,
+        "translation": 40,
+        "decode": 0,
     }
 
 

@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from tests.helpers import FAST, HORSE, ROOT, horse_at
 from PIL import Image
+
+from tests.helpers import FAST, HORSE, ROOT, horse_at
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 # Where coglet, the server of the cog SDK, keeps prediction files (fixed in its binary; a container's /tmp).
@@ -209,7 +210,9 @@ def test_health_check_is_ready_with_the_schema(server: Server, openapi_schema: d
 
 def test_real_image_prediction(server: Server, horse_uri: str) -> None:
     # Its own inversion prompt: a new inversion whatever ran before on this server.
-    response = server.predict(input_image=horse_uri, translation_prompts="a robot horse", inversion_prompt="metrics", **FAST)
+    response = server.predict(
+        input_image=horse_uri, translation_prompts="a robot horse", inversion_prompt="metrics", **FAST
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "succeeded", body.get("error")
@@ -225,7 +228,12 @@ def test_real_image_prediction(server: Server, horse_uri: str) -> None:
     metrics = body["metrics"]
     assert metrics["unet_evals"] == 10 + 8 + 20 and metrics["cache_hit"] is False and metrics["float32_retry"] is False
     assert {name: phase["unet_evals"] for name, phase in metrics["phases"].items()} == {
-        "load": 0, "inversion": 10, "extraction": 8, "generation": 0, "translation": 20, "decode": 0
+        "load": 0,
+        "inversion": 10,
+        "extraction": 8,
+        "generation": 0,
+        "translation": 20,
+        "decode": 0,
     }
     assert all(phase["seconds"] >= 0 for phase in metrics["phases"].values())
 
@@ -261,7 +269,9 @@ def test_generation_mode_returns_source_then_one_image_per_prompt(server: Server
     # The source's guided sampling is its own phase: 2N evaluations, no inversion or extraction.
     phases = body["metrics"]["phases"]
     assert {name: phases[name]["unet_evals"] for name in ("inversion", "extraction", "generation")} == {
-        "inversion": 0, "extraction": 0, "generation": 20
+        "inversion": 0,
+        "extraction": 0,
+        "generation": 20,
     }
     assert "generation done" in body["logs"]
 
@@ -325,7 +335,12 @@ def test_cancel_a_long_prediction(server: Server, sink: WebhookSink, horse_uri: 
         f"{server.url}/predictions/{prediction_id}",
         json={
             "id": prediction_id,
-            "input": {"input_image": horse_uri, "image_size": 1024, "num_inference_steps": 200, "ddim_inversion_steps": 999},
+            "input": {
+                "input_image": horse_uri,
+                "image_size": 1024,
+                "num_inference_steps": 200,
+                "ddim_inversion_steps": 999,
+            },
             "webhook": sink.url("/cancel"),
             "webhook_events_filter": ["start", "completed"],
         },

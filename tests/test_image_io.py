@@ -9,7 +9,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from tests.helpers import BLUE, FAST, GREEN, RED, WHITE, encode, halves, png_declaring
 from PIL import Image
 
 from pnp import PnPConfig, PnPEngine, image_io
@@ -26,6 +25,8 @@ from pnp.image_io import (
     save_images,
     working_size,
 )
+from tests.helpers import BLUE, FAST, GREEN, RED, WHITE, encode, halves, png_declaring
+
 
 def red_left_blue_right(width: int = 40, height: int = 20) -> Image.Image:
     pixels = np.zeros((height, width, 3), np.uint8)
@@ -284,9 +285,7 @@ def test_prepare_image_keeps_an_image_already_of_working_size():
     assert np.array_equal(np.asarray(prepared), np.asarray(image))
 
 
-@pytest.mark.parametrize(
-    "size, expected", [((1000, 500), (512, 256)), ((1, 1), (512, 512)), ((4000, 10), (512, 64))]
-)
+@pytest.mark.parametrize("size, expected", [((1000, 500), (512, 256)), ((1, 1), (512, 512)), ((4000, 10), (512, 64))])
 def test_prepare_image_resizes(size, expected):
     image = Image.new("RGB", size, (10, 200, 30))
     prepared = prepare_image(image, 512)
@@ -317,14 +316,30 @@ ODD_FILES = {
     # Rotated first: the red left half ends on top; unrotated the working size would be (128, 64).
     "exif-rotated-jpeg": (_exif_rotated_jpeg, (64, 128), {(32, 20): RED, (32, 108): BLUE}),
     # The left half fully transparent: white.
-    "rgba-transparent": (lambda: encode(halves(64, 64, (255, 0, 0, 0), (0, 0, 255, 255), "RGBA")), (128, 128), {(20, 64): WHITE, (108, 64): BLUE}),
+    "rgba-transparent": (
+        lambda: encode(halves(64, 64, (255, 0, 0, 0), (0, 0, 255, 255), "RGBA")),
+        (128, 128),
+        {(20, 64): WHITE, (108, 64): BLUE},
+    ),
     "palette": (_palette, (128, 128), {(20, 64): RED, (108, 64): BLUE}),
-    "cmyk-jpeg": (lambda: encode(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG", quality=95), (128, 128), {(64, 64): RED}),
-    "grey-16-bit-png": (lambda: encode(Image.fromarray(np.full((64, 64), 32768, np.uint16))), (128, 128), {(64, 64): (128, 128, 128)}),
+    "cmyk-jpeg": (
+        lambda: encode(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG", quality=95),
+        (128, 128),
+        {(64, 64): RED},
+    ),
+    "grey-16-bit-png": (
+        lambda: encode(Image.fromarray(np.full((64, 64), 32768, np.uint16))),
+        (128, 128),
+        {(64, 64): (128, 128, 128)},
+    ),
     "grey-L": (lambda: encode(Image.fromarray(np.full((64, 64), 77, np.uint8))), (128, 128), {(64, 64): (77, 77, 77)}),
     "animated-gif": (_animated_gif, (128, 128), {(64, 64): RED}),  # the first frame
     "one-pixel": (lambda: encode(Image.new("RGB", (1, 1), GREEN)), (128, 128), {(0, 0): GREEN, (127, 127): GREEN}),
-    "2000x20": (lambda: encode(Image.new("RGB", (2000, 20), GREEN)), (128, 64), {(64, 32): GREEN}),  # never a side under 64
+    "2000x20": (
+        lambda: encode(Image.new("RGB", (2000, 20), GREEN)),
+        (128, 64),
+        {(64, 32): GREEN},
+    ),  # never a side under 64
 }
 
 
@@ -449,7 +464,7 @@ def test_save_images_names_and_contents(tmp_path, output_format):
     paths = save_images(images, out_dir, output_format)
     assert [p.name for p in paths] == [f"out-0.{output_format}", f"out-1.{output_format}"]
     assert all(p.parent == out_dir for p in paths)
-    for path, image in zip(paths, images):
+    for path, image in zip(paths, images, strict=True):
         with Image.open(path) as saved:
             assert saved.format == {"jpg": "JPEG"}.get(output_format, output_format.upper())
             assert saved.size == image.size

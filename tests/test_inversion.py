@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMInverseScheduler
-from tests.helpers import HORSE, SiteRecorder, config, reference_scheduler, site_features, source_latent
 
 from pnp import PnPEngine
 from pnp.injection import RESNET_KEY, FeatureRecorder, InjectionSteps, attention_keys
 from pnp.inversion import invert
+from tests.helpers import HORSE, SiteRecorder, config, reference_scheduler, site_features, source_latent
 
 
 def test_inversion_equals_diffusers_ddim_inverse_scheduler(engine: PnPEngine):
@@ -35,14 +35,18 @@ def test_inversion_equals_diffusers_ddim_inverse_scheduler(engine: PnPEngine):
 def test_v_prediction_inversion_converts_each_output(v_engine: PnPEngine):
     latent = source_latent(v_engine)
     taus = v_engine.schedule.inversion_timesteps(10)
-    kept = invert(v_engine.model.injection_unet, v_engine.schedule, latent, v_engine.model.encode_text([""]), 10, set(taus))
+    kept = invert(
+        v_engine.model.injection_unet, v_engine.schedule, latent, v_engine.model.encode_text([""]), 10, set(taus)
+    )
     alphas = reference_scheduler(v_engine, 10).alphas_cumprod.double()
     z = latent.double()
     with torch.no_grad():
         for i, tau in enumerate(taus):
             a = alphas[tau]
             a_prev = alphas[taus[i - 1]] if i else alphas[0]
-            v = v_engine.model.unet(z.float(), tau, encoder_hidden_states=v_engine.model.encode_text([""])).sample.double()
+            v = v_engine.model.unet(
+                z.float(), tau, encoder_hidden_states=v_engine.model.encode_text([""])
+            ).sample.double()
             eps = a.sqrt() * v + (1 - a).sqrt() * z
             z = a.sqrt() * (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt() + (1 - a).sqrt() * eps
             torch.testing.assert_close(kept[tau].double(), z, atol=1e-4, rtol=1e-4)
@@ -81,9 +85,11 @@ def test_feature_recorder_keeps_exactly_the_injected_steps_of_each_call():
     """Calls of 3 steps, 2 sources a step: the ResNet site keeps 4 steps, the attention sites 2; rows past
     those are dropped, and the kept ones are copies in tensors of their final size."""
     query = attention_keys()[0]
-    recorder = FeatureRecorder(InjectionSteps(feature_injection_steps=4, attention_injection_steps=2), guidance_halves=True)
+    recorder = FeatureRecorder(
+        InjectionSteps(feature_injection_steps=4, attention_injection_steps=2), guidance_halves=True
+    )
     calls = [torch.arange(start * 2, (start + 3) * 2, dtype=torch.float32).reshape(6, 1) for start in (0, 3)]
-    for start, rows in zip((0, 3), calls):
+    for start, rows in zip((0, 3), calls, strict=True):
         recorder.record(start, {RESNET_KEY: rows, query: rows + 100})
     calls[0].zero_()  # what was recorded does not alias the capture
     features = recorder.features()

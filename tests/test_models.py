@@ -12,13 +12,13 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
-from tests.helpers import HORSE, config
 from transformers import CLIPTextModel
 
 from pnp import ModelError, PnPEngine, models
 from pnp.injection import ATTENTION_SITES, locate_sites
 from pnp.models import load_model, select_dtype
 from pnp.testing import make_random_model
+from tests.helpers import HORSE, config
 
 
 def test_loads_through_the_production_loader_on_the_cpu_in_float32(tiny_model_dir, monkeypatch):
@@ -56,7 +56,9 @@ def test_fp16_only_checkpoint_as_the_download_script_leaves_it(tiny_model_dir, t
     fp16_dir = tmp_path / "fp16"
     shutil.copytree(tiny_model_dir, fp16_dir, ignore=shutil.ignore_patterns("*.safetensors"))
     UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").save_pretrained(fp16_dir / "unet", variant="fp16")
-    CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder").save_pretrained(fp16_dir / "text_encoder", variant="fp16")
+    CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder").save_pretrained(
+        fp16_dir / "text_encoder", variant="fp16"
+    )
     shutil.copytree(tiny_model_dir / "vae", fp16_dir / "vae", dirs_exist_ok=True)
     assert list((fp16_dir / "unet").glob("*.safetensors"))[0].name == "diffusion_pytorch_model.fp16.safetensors"
     model = load_model(str(fp16_dir), device="cpu")
@@ -200,4 +202,6 @@ def test_a_prompt_over_77_tokens_is_truncated_with_a_warning(engine, pnp_logs):
     embeddings = engine.model.encode_text(["a cat", long_prompt])
     assert embeddings.shape[:2] == (2, 77) and torch.isfinite(embeddings).all()
     warnings = [r for r in pnp_logs.records if r.name == "pnp.models" and r.levelno == logging.WARNING]
-    assert warnings and all("truncated to 77" in r.getMessage() and "a photo of a horse" in r.getMessage() for r in warnings)
+    assert warnings and all(
+        "truncated to 77" in r.getMessage() and "a photo of a horse" in r.getMessage() for r in warnings
+    )

@@ -8,11 +8,10 @@ import logging
 
 import pytest
 
-from tests.helpers import HORSE, config
-
 from pnp import PnPEngine
 from pnp import progress as progress_module
 from pnp.progress import progress
+from tests.helpers import HORSE, config
 
 
 class Terminal(io.StringIO):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.helpers import HORSE, config, horse_at, pixels, reference_sampling, source_latent, write
 from PIL import Image
 
 from pnp import InputError, PnPEngine, image_io
 from pnp.inversion import invert
+from tests.helpers import HORSE, config, horse_at, pixels, reference_sampling, source_latent, write
 
 
 def left_half_white(width: int = 128, height: int = 128) -> Image.Image:
@@ -26,7 +26,7 @@ def test_an_all_white_mask_gives_exactly_the_unmasked_result(engine: PnPEngine):
     masked = engine(request, HORSE, mask=Image.new("L", (7, 3), 255))  # any size is stretched to the image
     assert masked.stats.cache_hit  # the mask is not part of the inversion's cache key
     assert masked.stats.unet_evals == unmasked.stats.phases["translation"].unet_evals  # and costs no evaluation
-    for a, b in zip(unmasked.images, masked.images):
+    for a, b in zip(unmasked.images, masked.images, strict=True):
         assert np.array_equal(pixels(a), pixels(b))
 
 
@@ -38,7 +38,9 @@ def test_outside_the_mask_latents_follow_the_source_and_pixels_equal_the_input(e
     unet_inputs, decoded = [], []
     handle = engine.model.unet.register_forward_pre_hook(lambda module, args: unet_inputs.append(args[0].clone()))
     decode = engine.model.decode_latents
-    monkeypatch.setattr(engine.model, "decode_latents", lambda latents, size: decoded.append(latents) or decode(latents, size))
+    monkeypatch.setattr(
+        engine.model, "decode_latents", lambda latents, size: decoded.append(latents) or decode(latents, size)
+    )
     try:
         result = engine(request, HORSE, mask=left_half_white())
     finally:
@@ -47,7 +49,10 @@ def test_outside_the_mask_latents_follow_the_source_and_pixels_equal_the_input(e
     for step, batch in enumerate(unet_inputs):  # rows: 2 prompts x (unconditional, conditional)
         expected = entry.latents[timesteps[step]][..., 8:].expand_as(batch[..., 8:])
         assert torch.equal(batch[..., 8:], expected), f"step {step}"
-        assert not torch.equal(batch[..., :8], entry.latents[timesteps[step]][..., :8].expand_as(batch[..., :8])) or step == 0
+        assert (
+            not torch.equal(batch[..., :8], entry.latents[timesteps[step]][..., :8].expand_as(batch[..., :8]))
+            or step == 0
+        )
     assert torch.equal(decoded[0][..., 8:], entry.image_latent[..., 8:].expand_as(decoded[0][..., 8:]))
     for image in result.images:
         out = pixels(image)
@@ -59,17 +64,28 @@ def test_outside_the_mask_latents_follow_the_source_and_pixels_equal_the_input(e
 def test_masked_translation_follows_the_latent_and_pixel_blends(engine: PnPEngine):
     """Grey values blend: an independent loop (diffusers' DDIM step, avg-pooled mask, float64 pixel blend)."""
     ramp = np.tile(np.linspace(0, 255, 96).round().astype(np.uint8), (48, 1))  # stretched to 128x128
-    request = config(feature_injection_threshold=0, attention_injection_threshold=0, translation_prompts="a cat", scale=7.5)
+    request = config(
+        feature_injection_threshold=0, attention_injection_threshold=0, translation_prompts="a cat", scale=7.5
+    )
     result = engine(request, HORSE, mask=Image.fromarray(ramp))
 
-    mask_pixels = torch.from_numpy(np.array(Image.fromarray(ramp).resize((128, 128), Image.Resampling.LANCZOS))).double() / 255
+    mask_pixels = (
+        torch.from_numpy(np.array(Image.fromarray(ramp).resize((128, 128), Image.Resampling.LANCZOS))).double() / 255
+    )
     latent_mask = torch.nn.functional.avg_pool2d(mask_pixels[None, None].float(), 8)
     timesteps = engine.schedule.sampling_timesteps(10)
     image_latent = source_latent(engine)
-    z_src = invert(engine.model.injection_unet, engine.schedule, image_latent, engine.model.encode_text([""]), 10, set(timesteps))
+    z_src = invert(
+        engine.model.injection_unet, engine.schedule, image_latent, engine.model.encode_text([""]), 10, set(timesteps)
+    )
     kept = [z_src[t] for t in timesteps[1:]] + [image_latent]
     x = reference_sampling(
-        engine, z_src[timesteps[0]], "a cat", 7.5, 10, after_step=lambda i, x: latent_mask * x + (1 - latent_mask) * kept[i]
+        engine,
+        z_src[timesteps[0]],
+        "a cat",
+        7.5,
+        10,
+        after_step=lambda i, x: latent_mask * x + (1 - latent_mask) * kept[i],
     )
     with torch.no_grad():
         y = (engine.model.decode_latents(x, 4)[0].double() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()

@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-from tests.helpers import HORSE, config, reference_scheduler
 
 from pnp import InputError, PnPEngine
 from pnp.config import INPUTS
 from pnp.schedules import ddim_step, negative_prompt_weights
 from pnp.testing import make_random_model
+from tests.helpers import HORSE, config, reference_scheduler
 
 
 def test_inversion_steps_that_do_not_nest_are_refused_with_valid_values(engine: PnPEngine):
@@ -48,7 +48,11 @@ def test_step_counts_leaving_the_training_range_are_refused_before_any_work(engi
         assert error.value.input_name == name
         assert "150 training timesteps; the largest valid value is 149" in str(error.value)
     assert short.unet_evals == 0
-    with pytest.raises(InputError, match="1000 steps need timestep 1000, outside the model's 1000 training timesteps; the largest valid value is 999"):
+    with pytest.raises(
+        InputError,
+        match="1000 steps need timestep 1000, outside the model's 1000 training timesteps; "
+        "the largest valid value is 999",
+    ):
         engine.schedule.check_training_range("ddim_inversion_steps", 1000, 10)
 
 

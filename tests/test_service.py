@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tests.helpers import SERVICE_CACHE_BYTES, HORSE, encode, entries_for, inputs, model_dtypes, nan_unet_hook, pixels, sizes, write
 from PIL import Image
 
 import pnp.engine as engine_module
@@ -28,6 +27,18 @@ from pnp.config import INPUTS, MAX_PROMPTS
 from pnp.engine import PnPEngine, PnPResult, RunStats
 from pnp.errors import InputError, NonFiniteError
 from pnp.injection import InjectionSteps
+from tests.helpers import (
+    HORSE,
+    SERVICE_CACHE_BYTES,
+    encode,
+    entries_for,
+    inputs,
+    model_dtypes,
+    nan_unet_hook,
+    pixels,
+    sizes,
+    write,
+)
 
 
 def out_dirs(service: SimpleNamespace) -> set[str]:
@@ -72,7 +83,12 @@ def test_every_input_is_handed_to_the_engine_unchanged(service, monkeypatch):
 
     monkeypatch.setattr(service.predictor, "engine", engine)
     numbers = {name: spec for name, spec in INPUTS.items() if spec.type in (int, float)}
-    texts = {"translation_prompts": "a; b", "negative_prompt": "c", "inversion_prompt": "d", "negative_prompt_schedule": "exp"}
+    texts = {
+        "translation_prompts": "a; b",
+        "negative_prompt": "c",
+        "inversion_prompt": "d",
+        "negative_prompt_schedule": "exp",
+    }
     for end in ("minimum", "maximum"):
         values = {name: getattr(spec, end) for name, spec in numbers.items()}
         paths = service.predictor.run(**inputs(input_image=HORSE, mask=HORSE, **values, **texts))
@@ -143,7 +159,9 @@ def test_non_finite_everywhere_is_an_error_not_a_black_image(service, bf16_engin
     tag = f"non-finite-{dtype}-{mode}"
     calls: dict = {}
     # Real images fail the cache entry's check, generated ones the decoded pixels' check.
-    request = inputs(input_image=HORSE, inversion_prompt=tag) if mode == "real" else inputs(generation_prompt=tag, seed=3)
+    request = (
+        inputs(input_image=HORSE, inversion_prompt=tag) if mode == "real" else inputs(generation_prompt=tag, seed=3)
+    )
     dirs, entries = out_dirs(service), len(engine.cache)
     handle = engine.model.unet.register_forward_hook(nan_unet_hook(calls, only_below_float32=False))
     try:
@@ -168,7 +186,7 @@ def test_the_engine_works_normally_after_a_numerical_fault(service):
         handle.remove()
     after = [pixels(p) for p in service.predictor.run(**request)]
     assert len(after) == len(before) == 2
-    assert all(np.array_equal(a, b) for a, b in zip(after, before))
+    assert all(np.array_equal(a, b) for a, b in zip(after, before, strict=True))
 
 
 # --- faults during a prediction -------------------------------------------------------------------------
@@ -194,7 +212,7 @@ def reference_output(service) -> dict[str, list[np.ndarray]]:
 
 def assert_images(paths: list[Path], expected: list[np.ndarray]) -> None:
     assert [pixels(p).shape for p in paths] == [e.shape for e in expected]
-    assert all(np.array_equal(pixels(p), e) for p, e in zip(paths, expected))
+    assert all(np.array_equal(pixels(p), e) for p, e in zip(paths, expected, strict=True))
 
 
 def hook_count(engine: PnPEngine) -> int:

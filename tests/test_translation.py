@@ -7,6 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from pnp import PnPEngine
+from pnp.config import MAX_PROMPTS
+from pnp.injection import RESNET_KEY, RESNET_SITE
+from pnp.schedules import negative_prompt_weights
 from tests.helpers import (
     HORSE,
     SiteRecorder,
@@ -18,16 +24,12 @@ from tests.helpers import (
     reference_sampling,
     site_features,
 )
-from PIL import Image
-
-from pnp import PnPEngine
-from pnp.config import MAX_PROMPTS
-from pnp.injection import RESNET_KEY, RESNET_SITE
-from pnp.schedules import negative_prompt_weights
 
 
 def test_zero_thresholds_equal_plain_guided_ddim_from_the_inverted_noise(engine: PnPEngine):
-    result = engine(config(feature_injection_threshold=0, attention_injection_threshold=0, translation_prompts="a cat"), HORSE)
+    result = engine(
+        config(feature_injection_threshold=0, attention_injection_threshold=0, translation_prompts="a cat"), HORSE
+    )
     reference = decoded_image(engine, reference_sampling(engine, inverted_noise(engine), "a cat", 10.0, 10))
     assert np.abs(pixels(result.images[0]) - pixels(reference)).max() <= 1
 
@@ -51,7 +53,9 @@ def test_negative_prompt_blend_matches_the_formula(engine: PnPEngine):
 
 
 @pytest.mark.parametrize("feature_threshold, attention_threshold", [(0.5, 0.3), (0.2, 0.6)])
-def test_injection_replaces_source_features_for_exactly_the_first_steps(engine: PnPEngine, feature_threshold, attention_threshold):
+def test_injection_replaces_source_features_for_exactly_the_first_steps(
+    engine: PnPEngine, feature_threshold, attention_threshold
+):
     request = config(
         feature_injection_threshold=feature_threshold,
         attention_injection_threshold=attention_threshold,
@@ -74,7 +78,7 @@ def test_prompts_in_one_batch_equal_prompts_one_at_a_time(engine: PnPEngine, tin
     together = engine(config(translation_prompts="; ".join(prompts), negative_prompt="blurry"), HORSE).images
     assert len(together) == 3
     one_latent_per_call = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu", batch_latent_pixels=1)
-    for prompt, image in zip(prompts, together):
+    for prompt, image in zip(prompts, together, strict=True):
         alone = one_latent_per_call(config(translation_prompts=prompt, negative_prompt="blurry"), HORSE).images[0]
         assert np.abs(pixels(alone) - pixels(image)).max() <= 1
     assert np.abs(pixels(together[0]) - pixels(together[1])).max() > 1  # different prompts, different images
@@ -93,7 +97,7 @@ def test_generation_returns_the_seeded_source_first(engine: PnPEngine):
     first = engine(request, None)
     again = engine(request, HORSE)  # the image is ignored in generation mode
     assert first.seed == 7 and len(first.images) == 3
-    for a, b in zip(first.images, again.images):
+    for a, b in zip(first.images, again.images, strict=True):
         assert np.array_equal(pixels(a), pixels(b))
     other = engine(request.replace(seed=8, translation_prompts="a cat"), None)  # only its source is compared
     assert not np.array_equal(pixels(other.images[0]), pixels(first.images[0]))
@@ -123,7 +127,9 @@ def test_generation_injects_each_half_into_its_own_branches(engine: PnPEngine):
         name = RESNET_SITE if key == RESNET_KEY else key.split(".attn1.")[0]
         return site_features(name, *source_calls[step][name][:2])[key][[0, 0, 1]]
 
-    assert_sites_follow_the_source(target_calls, injected_rows, request.feature_injection_steps, request.attention_injection_steps)
+    assert_sites_follow_the_source(
+        target_calls, injected_rows, request.feature_injection_steps, request.attention_injection_steps
+    )
 
 
 def test_output_has_the_working_size_of_a_non_square_image(engine: PnPEngine):
@@ -137,7 +143,9 @@ def test_output_has_the_working_size_of_a_non_square_image(engine: PnPEngine):
 
 def test_v_prediction_translation_equals_diffusers_guided_sampling(v_engine: PnPEngine):
     v_engine.cache.clear()  # a new image: its inversion is counted
-    result = v_engine(config(feature_injection_threshold=0, attention_injection_threshold=0, translation_prompts="a cat"), HORSE)
+    result = v_engine(
+        config(feature_injection_threshold=0, attention_injection_threshold=0, translation_prompts="a cat"), HORSE
+    )
     assert result.stats.unet_evals == 10 + 20  # inversion and translation; no features to extract
     reference = decoded_image(v_engine, reference_sampling(v_engine, inverted_noise(v_engine), "a cat", 10.0, 10))
     assert np.abs(pixels(result.images[0]) - pixels(reference)).max() <= 1
