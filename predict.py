@@ -66,11 +66,11 @@ class Predictor(BaseRunner):
             default=50,
             ge=10,
             le=999,
-            description="Number of DDIM steps used to invert the input image. Every sampling timestep must be one of the inversion timesteps (for 50 sampling steps: 50, 99, 100, 197-200, 246-250, 491-500 or 981-999); other values are refused with the nearest valid ones.",  # noqa: E501
+            description="Number of DDIM steps used to invert the input image. Every sampling timestep must be one of the inversion timesteps (for 50 sampling steps: 50, 99, 100, 197-200, 246-250, 491-500 or 981-999); other values are refused with the nearest valid ones.",
         ),
         generation_prompt: str = Input(
             default="",
-            description="Generate the source image from this text instead of using input_image; the generated image is returned first.",  # noqa: E501
+            description="Generate the source image from this text instead of using input_image; the generated image is returned first.",
         ),
         scale: float = Input(
             default=10.0,
@@ -82,7 +82,7 @@ class Predictor(BaseRunner):
             default=0.8,
             ge=0.0,
             le=1.0,
-            description="Fraction of the sampling steps, from the start, during which the source's ResNet features are injected. Higher keeps more of the source's structure.",  # noqa: E501
+            description="Fraction of the sampling steps, from the start, during which the source's ResNet features are injected. Higher keeps more of the source's structure.",
         ),
         translation_prompts: str = Input(
             default="a photo of a robot horse",
@@ -90,7 +90,7 @@ class Predictor(BaseRunner):
         ),
         negative_prompt: str = Input(
             default="",
-            description="Text blended into the unconditional branch to steer away from (e.g. a description of the source).",  # noqa: E501
+            description="Text blended into the unconditional branch to steer away from (e.g. a description of the source).",
         ),
         negative_prompt_alpha: float = Input(
             default=1.0,
@@ -108,7 +108,7 @@ class Predictor(BaseRunner):
             default=0.5,
             ge=0.0,
             le=1.0,
-            description="Fraction of the sampling steps, from the start, during which the source's self-attention queries and keys are injected.",  # noqa: E501
+            description="Fraction of the sampling steps, from the start, during which the source's self-attention queries and keys are injected.",
         ),
         negative_prompt_schedule: str = Input(
             default="linear",
@@ -123,13 +123,13 @@ class Predictor(BaseRunner):
             default=512,
             ge=128,
             le=1024,
-            description="Longer side of the working resolution in pixels (a multiple of 64); the other side keeps the aspect ratio, rounded to a multiple of 64.",  # noqa: E501
+            description="Longer side of the working resolution in pixels (a multiple of 64); the other side keeps the aspect ratio, rounded to a multiple of 64.",
         ),
         seed: Optional[int] = Input(
             default=None,
             ge=0,
             le=4294967295,
-            description="Seed of the generation noise (generation mode). Leave empty for a random seed; the seed used is logged.",  # noqa: E501
+            description="Seed of the generation noise (generation mode), and of auto_mask's noises (0 if empty for an input image). Leave empty for a random seed; the seed used is logged.",
         ),
         output_format: str = Input(
             default="png",
@@ -138,7 +138,11 @@ class Predictor(BaseRunner):
         ),
         mask: Optional[Path] = Input(
             default=None,
-            description="Region to edit, with input_image: white is edited, black keeps the input image exactly, grey blends. Any size (it is stretched to the image); transparent areas count as black.",  # noqa: E501
+            description="Region to edit, with input_image: white is edited, black keeps the input image exactly, grey blends. Any size (it is stretched to the image); transparent areas count as black.",
+        ),
+        auto_mask: bool = Input(
+            default=False,
+            description="Edit only where each prompt differs from the source: a mask per prompt, computed from where the prompt changes the model's noise prediction against the source's description (DiffEdit). Describe the input image in inversion_prompt (in generation mode, generation_prompt describes it). Helps local edits of an object; a global restyle needs no mask. Not with mask.",
         ),
     ) -> list[Path]:
         # Validate everything before any work, also for callers that bypass Cog's schema.
@@ -157,6 +161,7 @@ class Predictor(BaseRunner):
                 "inversion_prompt": inversion_prompt,
                 "image_size": image_size,
                 "seed": seed,
+                "auto_mask": auto_mask,
             }
         )
         check_output_format(output_format)
@@ -170,6 +175,8 @@ class Predictor(BaseRunner):
         self.record_metric("unet_evals", result.stats.unet_evals)
         self.record_metric("cache_hit", result.stats.cache_hit)
         self.record_metric("float32_retry", result.stats.float32_retry)
+        if result.stats.mask_coverage:
+            self.record_metric("mask_coverage", result.stats.mask_coverage)
         for name, phase in result.stats.phases.items():
             self.record_metric(f"phases.{name}", {"seconds": round(phase.seconds, 4), "unet_evals": phase.unet_evals})
 

@@ -11,6 +11,7 @@ The requests, in order, on ONE engine (so the inversion cache works as it does i
   new-4       another new image (the horse mirrored), 4 prompts
   repeat-4    repeat of new-4 with 4 other prompts (cached)
   generation  generation mode, 1 prompt, fixed seed
+  auto-mask   the example image described in inversion_prompt, 1 prompt, auto_mask (a new inversion)
 `--requests` runs a subset (a repeat needs its new image). On CUDA each request first runs once,
 unreported. For each request the table gives the seconds of each engine phase, the wall time of the
 call, peak memory, the UNet evaluations the engine counted, those the cost model (docs/cost-model.md)
@@ -37,6 +38,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pnp import PnPConfig, PnPEngine
+from pnp.automask import MASK_NOISES
 from pnp.engine import PHASES
 from pnp.testing import make_random_model
 
@@ -68,7 +70,15 @@ PROMPTS_4_OTHER = [
 ]
 GENERATION_PROMPT = "a photo of a horse in a field"
 # The requests' keys, each with the request whose cache entry it reuses.
-REQUEST_KEYS = {"new-1": None, "repeat-1": "new-1", "new-4": None, "repeat-4": "new-4", "generation": None}
+REQUEST_KEYS = {
+    "new-1": None,
+    "repeat-1": "new-1",
+    "new-4": None,
+    "repeat-4": "new-4",
+    "generation": None,
+    "auto-mask": None,
+}
+SOURCE_DESCRIPTION = "a photo of a horse"
 
 
 @dataclass(frozen=True)
@@ -91,16 +101,16 @@ def expected_evals(config: PnPConfig, repeat: bool = False) -> int:
     """The cost model's UNet evaluations for a request without a negative prompt.
 
     Real image: M inversion + max(n_f, n_a) extraction + 2·N·P translation; a repeat on the same image
-    and inversion settings: 2·N·P. Generation: 2·N for the guided source pass + 2·N·P.
+    and inversion settings: 2·N·P. Generation: 2·N for the guided source pass + 2·N·P. auto_mask adds
+    K·(1 + P) to any of them.
     """
     n, prompts = config.num_inference_steps, len(config.translation_prompts)
-    translation = 2 * n * prompts
+    evals = 2 * n * prompts + (MASK_NOISES * (1 + prompts) if config.auto_mask else 0)
     if config.generation_mode:
-        return 2 * n + translation
+        return 2 * n + evals
     if repeat:
-        return translation
-    extraction = max(config.feature_injection_steps, config.attention_injection_steps)
-    return config.ddim_inversion_steps + extraction + translation
+        return evals
+    return config.ddim_inversion_steps + config.injection_steps.capture_steps + evals
 
 
 def published_evals(prompts: int) -> int:
@@ -145,12 +155,14 @@ def requests(image_path: Path, image_size: int, steps: int, keys: list[str] | No
     common = {"image_size": image_size, "num_inference_steps": steps}
     mirrored = ImageOps.mirror(ImageOps.exif_transpose(Image.open(image_path)).convert("RGB"))
     generation = {**common, "translation_prompts": PROMPTS_1, "generation_prompt": GENERATION_PROMPT, "seed": 0}
+    auto_mask = {**common, "inversion_prompt": SOURCE_DESCRIPTION, "auto_mask": True}
     every = [
         Request("new-1", "new image", {**common, "translation_prompts": PROMPTS_1}, image_path),
         Request("repeat-1", "repeat (cached)", {**common, "translation_prompts": PROMPTS_1_OTHER}, image_path),
         Request("new-4", "new image", {**common, "translation_prompts": PROMPTS_4}, mirrored),
         Request("repeat-4", "repeat (cached)", {**common, "translation_prompts": PROMPTS_4_OTHER}, mirrored),
         Request("generation", "generation", generation, None),
+        Request("auto-mask", "auto-mask", {**auto_mask, "translation_prompts": PROMPTS_1}, image_path),
     ]
     return [request for request in every if keys is None or request.key in keys]
 

@@ -3,8 +3,9 @@
 `pnp` is the console script that installing the package makes; `python -m pnp` is the same.
 
 With `--generation_prompt TEXT` (or a preset that sets it) the image is left out and the source is
-generated. Every public input is an option of the same name; a preset (a YAML file or a name in
-configs/) gives the values that are not on the command line.
+generated. Every public input is an option of the same name (`--auto_mask` is a flag); a preset (a YAML
+file or a name in configs/) gives the values that are not on the command line. `--save-masks` writes each
+prompt's automatic mask beside its image.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from .config import INPUTS, OUTPUT_FORMAT, PnPConfig, load_preset
 from .engine import PnPEngine
 from .errors import InputError, ModelError, NonFiniteError
-from .image_io import save_images
+from .image_io import save_images, save_masks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="a preset: a YAML file, or real, generated or primitive from configs/")
     parser.add_argument("--mask", metavar="PATH", help="region to edit: white is edited, black keeps the image exactly")
     parser.add_argument(
+        "--save-masks",
+        action="store_true",
+        help="with --auto_mask, also write each prompt's mask beside its image (out-K-mask.png: white edits)",
+    )
+    parser.add_argument(
         "--output_format",
         type=OUTPUT_FORMAT.type,
         choices=OUTPUT_FORMAT.choices,
@@ -50,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, spec in INPUTS.items():
         if name == "translation_prompts":  # the last positional argument
             continue
-        options.add_argument(f"--{name}", type=spec.type, choices=spec.choices, help=spec.description)
+        if spec.type is bool:  # --auto_mask, --no-auto_mask
+            options.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=spec.description)
+        else:
+            options.add_argument(f"--{name}", type=spec.type, choices=spec.choices, help=spec.description)
     return parser
 
 
@@ -70,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         usage = "PROMPTS (the source is generated)" if config.generation_mode else "IMAGE PROMPTS"
         print(f"error: expected {usage}, got {len(args.inputs)} positional arguments", file=sys.stderr)
         return 2
+    if args.save_masks and not config.auto_mask:
+        print("error: --save-masks saves the masks of --auto_mask, which is off", file=sys.stderr)
+        return 2
     try:
         engine = PnPEngine.from_pretrained(args.model, args.device, args.dtype)
         result = engine(config, None if config.generation_mode else args.inputs[0], mask=args.mask)
@@ -78,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for path in save_images(result.images, args.out, args.output_format):
         print(path)
+    if args.save_masks:
+        # Each prompt's mask beside its image: after the generated source, if there is one.
+        for path in save_masks(result.masks, args.out, first_index=len(result.images) - len(result.masks)):
+            print(path)
     if result.seed is not None:
         print(f"seed: {result.seed}")
     print(result.stats.summary())

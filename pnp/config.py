@@ -33,7 +33,7 @@ MAX_PROMPTS = 8
 class InputSpec:
     """What one public input accepts, shared by validation, the Cog schema test and the command line.
 
-    `type` is the input's type in a request: int, float (both with bounds) or str. None is accepted
+    `type` is the input's type in a request: int, float (both with bounds), str or bool. None is accepted
     only where it is the default (the seed, where it means a random one).
     """
 
@@ -54,6 +54,10 @@ class InputSpec:
                 raise InputError(name, f"must be one of {', '.join(self.choices)}; got {value!r}")
             if not isinstance(value, str):
                 raise InputError(name, f"must be text, not {type(value).__name__}")
+            return value
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise InputError(name, f"must be true or false, not {value!r}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(name, f"must be a number, not {value!r}")
@@ -143,9 +147,18 @@ INPUTS: dict[str, InputSpec] = {
     "seed": InputSpec(
         int,
         None,
-        "Seed of the generation noise (generation mode). Leave empty for a random seed; the seed used is logged.",
+        "Seed of the generation noise (generation mode), and of auto_mask's noises (0 if empty for an "
+        "input image). Leave empty for a random seed; the seed used is logged.",
         minimum=0,
         maximum=2**32 - 1,
+    ),
+    "auto_mask": InputSpec(
+        bool,
+        False,
+        "Edit only where each prompt differs from the source: a mask per prompt, computed from where the "
+        "prompt changes the model's noise prediction against the source's description (DiffEdit). Describe "
+        "the input image in inversion_prompt (in generation mode, generation_prompt describes it). Helps "
+        "local edits of an object; a global restyle needs no mask. Not with mask.",
     ),
 }
 
@@ -204,6 +217,7 @@ class PnPConfig:
     inversion_prompt: str = _default("inversion_prompt")
     image_size: int = _default("image_size")
     seed: int | None = _default("seed")
+    auto_mask: bool = _default("auto_mask")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

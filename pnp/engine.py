@@ -21,6 +21,7 @@ from functools import partial
 import torch
 from PIL import Image
 
+from .automask import AutoMasks, noise_differences, threshold
 from .cache import SourceCache, SourceEntry, SourceKey
 from .config import INPUTS, PnPConfig
 from .errors import InputError, ModelError, NonFiniteError
@@ -30,6 +31,7 @@ from .image_io import (
     image_to_tensor,
     load_image,
     load_mask,
+    masks_to_images,
     pixels_to_images,
     prepare_image,
 )
@@ -43,7 +45,7 @@ from .translation import Denoiser, Guidance, Injection, generate_source, sample
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("load", "inversion", "extraction", "generation", "translation", "decode")
+PHASES = ("load", "inversion", "extraction", "generation", "mask", "translation", "decode")
 GENERATION_GUIDANCE_SCALE = 5.0
 # Latent pixels per UNet call: 16 latents at 512x512 (64x64 latents), fewer at larger sizes.
 DEFAULT_BATCH_LATENT_PIXELS = 16 * 64 * 64
@@ -60,11 +62,13 @@ class PhaseStats:
 class RunStats:
     """Seconds and UNet evaluations (latents through the UNet, counted as they run) per phase.
 
-    After a float32 retry they are both runs' together: what the request cost."""
+    After a float32 retry they are both runs' together: what the request cost. With auto_mask,
+    `mask_coverage` is each prompt's fraction of latent positions its mask edits."""
 
     phases: dict[str, PhaseStats] = field(default_factory=lambda: {name: PhaseStats() for name in PHASES})
     cache_hit: bool = False
     float32_retry: bool = False
+    mask_coverage: list[float] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
@@ -85,6 +89,8 @@ class RunStats:
             f"{'total':<12} {self.seconds:8.2f} s {self.unet_evals:6d} UNet evals"
             + (f" ({', '.join(notes)})" if notes else "")
         )
+        if self.mask_coverage:
+            lines.append("mask coverage " + " ".join(f"{coverage:.1%}" for coverage in self.mask_coverage))
         return "\n".join(lines)
 
 
@@ -134,11 +140,13 @@ class CheckedRequest:
 
 @dataclass
 class PnPResult:
-    """The output images (a generated source first, then one per prompt), the seed used and the stats."""
+    """The output images (a generated source first, then one per prompt), the seed used, the stats, and
+    with auto_mask each prompt's mask m_px as a grey image (white edits, black keeps the source)."""
 
     images: list[Image.Image]
     seed: int | None
     stats: RunStats
+    masks: list[Image.Image] = field(default_factory=list)
 
 
 def default_cache_bytes(device: torch.device) -> int:
@@ -211,7 +219,8 @@ class PnPEngine:
         """Translate `image` (or, in generation mode, a source generated from `config.generation_prompt`).
 
         With a `mask` (real images only), white regions are edited and black ones keep the input exactly
-        (docs/algorithm.md §8). Every input is checked before any UNet evaluation. Non-finite numbers in
+        (docs/algorithm.md §8); with `config.auto_mask` each prompt gets its own mask (§10), returned in
+        `PnPResult.masks`. Every input is checked before any UNet evaluation. Non-finite numbers in
         float16 or bfloat16 get the request one more run in float32 before it fails.
         """
         stats = RunStats()
@@ -227,31 +236,35 @@ class PnPEngine:
                 return self._run(request, stats)
 
     def _run(self, request: CheckedRequest, stats: RunStats) -> PnPResult:
-        """One run of a checked request (the float32 retry is a second one)."""
+        """One run of a checked request (the float32 retry is a second one); § are docs/algorithm.md's."""
         # 1. Text embeddings: E(""), the source's text, the target prompts, the negative prompt (§1).
         embeddings = self.encode_prompts(request.config)
         # 2. The source: a real image's inversion and features (§3-§4, cached), or a generated image and
         #    its features (§4).
         source = self.prepare_source(request, embeddings, stats)
-        # 3. Translation of x_T for every target prompt at once, the source's features injected (§5); with
-        #    a mask, the latents outside it kept on the source's trajectory (§8).
-        region = self.prepare_region(request, source)
+        # 3. Where to edit: everywhere, a painted mask (§8), or each prompt's automatic mask (§10).
+        region = self.prepare_region(request, source, embeddings, stats)
+        # 4. Translation of x_T for every target prompt at once, the source's features injected (§5); with
+        #    a mask, the latents outside it kept on the source's trajectory.
         with self._phase(stats, "translation"):
             latents = self.translate(request, source, embeddings, region)
-        # 4. Images: a generated source first, then one per prompt (§7); with a mask, the input's pixels
-        #    outside it (§8).
+        # 5. Images: a generated source first, then one per prompt (§7); with a mask, the source's pixels
+        #    outside it.
         with self._phase(stats, "decode"):
             images = self.decode(request, source, latents, region)
         seed = source.seed if isinstance(source, GeneratedSource) else None
-        return PnPResult(images=images, seed=seed, stats=stats)
+        masks = masks_to_images(region.pixel_mask) if request.config.auto_mask else []
+        return PnPResult(images=images, seed=seed, stats=stats, masks=masks)
 
     def check_inputs(
         self, config: PnPConfig, image: ImageSource | None, mask: ImageSource | None, stats: RunStats
     ) -> CheckedRequest:
         """Every refusal that needs more than the config (which checks its own fields), before any UNet
-        evaluation: the UNet's processors, the step counts against the scheduler, a missing image, a mask
-        without one, and an image or mask that cannot be read (timed as the "load" phase)."""
+        evaluation: the UNet's processors, a mask with auto_mask, the step counts against the scheduler, a
+        missing image, a mask without one, and an image or mask that cannot be read (timed as "load")."""
         self.model.injection_unet.check_processors()
+        if config.auto_mask and mask is not None:
+            raise InputError("auto_mask", "cannot be used together with mask: give a mask or set auto_mask, not both")
         steps_spec = INPUTS["num_inference_steps"]
         self.schedule.check_training_range("num_inference_steps", config.num_inference_steps, steps_spec.minimum)
         timesteps = self.schedule.sampling_timesteps(config.num_inference_steps)
@@ -311,8 +324,8 @@ class PnPEngine:
         guidance = Guidance(
             embeddings.unconditional, embeddings.source, None, GENERATION_GUIDANCE_SCALE, (1.0,) * steps
         )
-        latent, features = generate_source(self._denoiser(request, guidance), noise, request.config.injection_steps)
-        return GeneratedSource(start_latent=noise, features=features, latent=latent, seed=seed)
+        latents, features = generate_source(self._denoiser(request, guidance), noise, request.config.injection_steps)
+        return GeneratedSource(start_latent=noise, features=features, kept_latents=latents, seed=seed)
 
     def _compute_inversion(
         self,
@@ -343,13 +356,39 @@ class PnPEngine:
             )
         return SourceEntry(image_latent, latents, features)
 
-    def prepare_region(self, request: CheckedRequest, source: Source) -> EditRegion | None:
-        """With a mask, where to edit and what is kept outside it (docs/algorithm.md §8); else None."""
-        if not isinstance(source, RealSource) or request.source.pixel_mask is None:
-            return None
-        return EditRegion.from_mask(
-            request.source.pixel_mask, source.pixels, source.kept_latents, self.model.vae_scale_factor
-        )
+    def prepare_region(
+        self, request: CheckedRequest, source: Source, embeddings: PromptEmbeddings, stats: RunStats
+    ) -> EditRegion | None:
+        """Where the prompts edit: everywhere (None), a painted mask's region (docs/algorithm.md §8), or with
+        auto_mask each prompt's own region (§10, the "mask" phase)."""
+        if request.config.auto_mask:
+            with self._phase(stats, "mask"):
+                masks = self._auto_masks(request, source, embeddings)
+            stats.mask_coverage = masks.coverage
+            return EditRegion(masks.pixel_masks, masks.latent_masks, source.kept_latents)
+        if isinstance(request.source, InputImage) and request.source.pixel_mask is not None:
+            return EditRegion.from_mask(request.source.pixel_mask, source.kept_latents, self.model.vae_scale_factor)
+        return None
+
+    def _auto_masks(self, request: CheckedRequest, source: Source, embeddings: PromptEmbeddings) -> AutoMasks:
+        """Each prompt's mask against the source's text, from K · (1 + P) UNet evaluations at t_m; the noises'
+        seed is the generation seed, or for a real image `seed` (0 when unset)."""
+        if isinstance(request.source, SeededNoise):
+            seed = request.source.seed
+        else:
+            seed = 0 if request.config.seed is None else request.config.seed
+        texts = torch.cat([embeddings.source, embeddings.targets])
+        unet, batch_size = self.model.injection_unet, self._batch_size(request.size)
+        differences = noise_differences(unet, self.schedule, source.clean_latent, texts, seed, batch_size)
+        masks = threshold(differences, self.model.vae_scale_factor)
+        prompts = request.config.translation_prompts
+        for prompt, coverage, mean in zip(prompts, masks.coverage, masks.mean_differences, strict=True):
+            if mean == 0:
+                logger.warning(
+                    "auto_mask: %r predicts the same noise as the source's description; it edits nothing", prompt
+                )
+            logger.info("auto_mask: %r edits %.1f%% of the image", prompt, 100 * coverage)
+        return masks
 
     def translate(
         self, request: CheckedRequest, source: Source, embeddings: PromptEmbeddings, region: EditRegion | None
@@ -367,18 +406,21 @@ class PnPEngine:
         )
         denoiser = self._denoiser(request, guidance, Injection(source.features, config.injection_steps))
         start = source.start_latent.float().expand(guidance.count, *source.start_latent.shape[1:])
-        return sample(denoiser, start, self.schedule, request.timesteps, "translation", region)
+        after_step = region.blend_latents if region is not None else None
+        return sample(denoiser, start, self.schedule, request.timesteps, "translation", after_step)
 
     def decode(
         self, request: CheckedRequest, source: Source, latents: torch.Tensor, region: EditRegion | None
     ) -> list[Image.Image]:
-        """The images of the final latents, a generated source's first; with a mask, the input's pixels
-        outside it."""
-        if isinstance(source, GeneratedSource):
-            latents = torch.cat([source.latent, latents])
+        """The images of the final latents, a generated source's first; with a mask, the source's pixels
+        outside it: the input image's, or the generated source's as it is returned (rounded to 8 bits)."""
+        first = 1 if isinstance(source, GeneratedSource) else 0
+        if first:
+            latents = torch.cat([source.clean_latent, latents])
         pixels = decoded_to_pixels(self.model.decode_latents(latents, self._batch_size(request.size)))
         if region is not None:
-            pixels = region.blend_pixels(pixels)
+            kept = source.pixels if isinstance(source, RealSource) else torch.round(255 * pixels[:1]) / 255
+            pixels = torch.cat([pixels[:first], region.blend_pixels(pixels[first:], kept)])
         return pixels_to_images(pixels)
 
     def _denoiser(self, request: CheckedRequest, guidance: Guidance, injection: Injection | None = None) -> Denoiser:

@@ -172,6 +172,24 @@ def pixels_to_images(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(array) for array in values]
 
 
+def masks_to_images(masks: torch.Tensor) -> list[Image.Image]:
+    """Grey ("L") images of masks (B, 1, H, W) in [0, 1], rounded: uint8 = round(255 m)."""
+    values = torch.round(255 * masks[:, 0]).to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(array, mode="L") for array in values]
+
+
+def save_masks(masks: Sequence[Image.Image], out_dir: str | os.PathLike, first_index: int) -> list[Path]:
+    """Write `out-K-mask.png` for K = first_index, first_index + 1, ... (the index of each mask's image)."""
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, mask in enumerate(masks, start=first_index):
+        path = directory / f"out-{index}-mask.png"
+        mask.save(path, "PNG")
+        paths.append(path)
+    return paths
+
+
 def save_images(images: Sequence[Image.Image], out_dir: str | os.PathLike, output_format: str) -> list[Path]:
     """Write `out-0.<format>`, `out-1.<format>`, ... into `out_dir` (created if missing) and return their paths."""
     pil_format, options = _SAVE_OPTIONS[check_output_format(output_format)]

@@ -1,11 +1,12 @@
-"""Region editing with a mask (docs/algorithm.md §8): the source is kept outside the edit region, in latents
-and in pixels.
+"""Region editing with a mask (docs/algorithm.md §8, §10): the source is kept outside the edit region, in
+latents and in pixels.
 
 After every DDIM step the latents outside the mask are put back on the source's own trajectory, the
 inversion's latents (the blend of Blended Latent Diffusion, Avrahami et al. 2023, arXiv 2206.02779,
 with DiffEdit's inverted latents, Couairon et al. 2022, arXiv 2210.11427); after decoding, the pixels
-are blended with the input image at full resolution, so outside the mask the output equals the input
-exactly, and an all-white mask changes nothing. Neither blend costs a UNet evaluation.
+are blended with the source's at full resolution, so where the pixel mask is 0 the output equals the
+source exactly, and an all-white mask changes nothing. Neither blend costs a UNet evaluation. A painted
+mask is one region for every prompt; automatic masks (`pnp.automask`) are one per prompt.
 """
 
 from __future__ import annotations
@@ -18,38 +19,27 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class EditRegion:
-    """Where to edit, and what is kept outside: m_px and the source's pixels at the working resolution,
-    m = avg_pool2d(m_px, f) (f: the VAE's scale factor) and the source's latent after each sampling step
-    at the latent one."""
+    """Where to edit, and the latents kept outside: m_px at the working resolution, m at the latent one
+    (each one mask for every prompt, or one per prompt), and the source's latent after each sampling step."""
 
-    pixel_mask: torch.Tensor  # (1, 1, H, W) float32: 1 edits, 0 keeps
-    latent_mask: torch.Tensor  # (1, 1, H / f, W / f)
-    source_pixels: torch.Tensor  # (1, 3, H, W) float32 in [0, 1]
+    pixel_mask: torch.Tensor  # (1 or P, 1, H, W) float32: 1 edits, 0 keeps
+    latent_mask: torch.Tensor  # (1 or P, 1, H / f, W / f), f the VAE's scale factor
     source_latents: tuple[torch.Tensor, ...]  # after step i: the source's latent at t_{i+1}, its clean one last
 
     @classmethod
     def from_mask(
-        cls,
-        pixel_mask: torch.Tensor,
-        source_pixels: torch.Tensor,
-        source_latents: tuple[torch.Tensor, ...],
-        vae_scale_factor: int,
+        cls, pixel_mask: torch.Tensor, source_latents: tuple[torch.Tensor, ...], vae_scale_factor: int
     ) -> EditRegion:
-        """The region of `pixel_mask` on the device of `source_latents`; each latent position covers
-        `vae_scale_factor` x `vae_scale_factor` pixels."""
-        device = source_latents[0].device
-        pixel_mask = pixel_mask.to(device)
-        return cls(
-            pixel_mask=pixel_mask,
-            latent_mask=F.avg_pool2d(pixel_mask, vae_scale_factor),
-            source_pixels=source_pixels.to(device),
-            source_latents=source_latents,
-        )
+        """The region of a painted mask m_px (1, 1, H, W): m = avg_pool2d(m_px, f), on the device of
+        `source_latents`."""
+        pixel_mask = pixel_mask.to(source_latents[0].device)
+        return cls(pixel_mask, F.avg_pool2d(pixel_mask, vae_scale_factor), source_latents)
 
     def blend_latents(self, edited: torch.Tensor, step: int) -> torch.Tensor:
         """x = m x + (1 − m) z_next after sampling step `step`: edited inside the region, the source's outside."""
         return self.latent_mask * edited + (1 - self.latent_mask) * self.source_latents[step]
 
-    def blend_pixels(self, edited: torch.Tensor) -> torch.Tensor:
-        """y = m_px y + (1 − m_px) x_in: the edited pixels in [0, 1] inside the region, the source's outside."""
-        return self.pixel_mask * edited + (1 - self.pixel_mask) * self.source_pixels
+    def blend_pixels(self, edited: torch.Tensor, source_pixels: torch.Tensor) -> torch.Tensor:
+        """y = m_px y + (1 − m_px) x_in: the edited pixels in [0, 1] inside the region, the source's
+        (1, 3, H, W) outside."""
+        return self.pixel_mask * edited + (1 - self.pixel_mask) * source_pixels.to(edited.device)

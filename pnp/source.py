@@ -2,8 +2,9 @@
 image generated from the generation prompt (docs/algorithm.md §3-§4).
 
 Both carry the start latent x_T of every translation and the features injected into it. A real image
-also carries what a mask keeps to (docs/algorithm.md §8): its latents along the inversion's trajectory
-and its pixels. A generated source carries its own final latent, decoded and returned first, and its seed.
+and a generated source also carry what a mask keeps to (docs/algorithm.md §8, §10): the source's latents
+along its trajectory; a real image also its pixels. A generated source's clean latent is decoded and
+returned first, and those are the pixels it keeps.
 """
 
 from __future__ import annotations
@@ -20,18 +21,25 @@ from .injection import SourceFeatures
 
 @dataclass(frozen=True)
 class Source:
-    """x_T (1, C, h, w), where every translation starts, and the features injected into it."""
+    """x_T (1, C, h, w), where every translation starts, the features injected into it, and the latents a
+    mask keeps to: after sampling step i, the source's latent at t_{i+1}, and its clean latent after the
+    last step."""
 
     start_latent: torch.Tensor
     features: SourceFeatures
+    kept_latents: tuple[torch.Tensor, ...]
+
+    @property
+    def clean_latent(self) -> torch.Tensor:
+        """z_0: the source's latent without noise."""
+        return self.kept_latents[-1]
 
 
 @dataclass(frozen=True)
 class RealSource(Source):
-    """A real image: x_T = z_src[t_0] of its inversion, the latents a mask keeps to (after sampling step i,
-    z_src[t_{i+1}], and z_0 after the last) and the image at its working size."""
+    """A real image: x_T = z_src[t_0] of its inversion, which also gives the latents a mask keeps to
+    (z_src[t_{i+1}], and the image's encoded latent z_0 last), and the image at its working size."""
 
-    kept_latents: tuple[torch.Tensor, ...]
     image: Image.Image
 
     @classmethod
@@ -52,7 +60,7 @@ class RealSource(Source):
 
 @dataclass(frozen=True)
 class GeneratedSource(Source):
-    """A source generated from seeded noise x_T: its final latent and the seed of its noise."""
+    """A source generated from seeded noise x_T: its latents are those of the generation pass, and its
+    clean latent is decoded and returned first."""
 
-    latent: torch.Tensor
     seed: int

@@ -2,8 +2,9 @@
 
 `Guidance` is classifier-free guidance: the branches' texts and how their noise is combined. `Denoiser`
 turns the latents of a step into the guided noise of that step, with that step's source features
-injected. `sample` is the step loop around it: denoise, DDIM update, and with a mask the region blend.
-`generate_source` runs it to generate a source image and captures that image's features on the way.
+injected. `sample` is the step loop around it: denoise, DDIM update, then an optional step function (a
+mask's blend of the latents). `generate_source` runs it to generate a source image and captures that
+image's features and latents on the way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 
 from .injection import FeatureRecorder, InjectionSteps, InjectionUNet, SourceFeatures
 from .progress import progress
-from .region import EditRegion
 from .schedules import NoiseSchedule, ddim_step, device_timesteps
 
 UNCONDITIONAL, NEGATIVE, CONDITIONAL = "unconditional", "negative", "conditional"
@@ -130,25 +130,31 @@ def sample(
     schedule: NoiseSchedule,
     timesteps: list[int],
     phase: str,
-    region: EditRegion | None = None,
+    after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """DDIM from x at t_0 down to the clean latent; with a `region`, the latents outside it follow the
-    source's after every step (docs/algorithm.md §8)."""
+    """DDIM from x at t_0 down to the clean latent; `after_step(x, i)`, where given, gives the latents that
+    step i hands on (a mask's region keeps the source's outside it: docs/algorithm.md §8)."""
     alpha_bars = [schedule.alpha_bar(t) for t in timesteps] + [schedule.alpha_bar(None)]
     for step in progress(len(timesteps), phase):
         x = ddim_step(x, denoise(x, step), alpha_bars[step], alpha_bars[step + 1])
-        if region is not None:
-            x = region.blend_latents(x, step)
+        if after_step is not None:
+            x = after_step(x, step)
     return x
 
 
 @torch.no_grad()
 def generate_source(
     denoiser: Denoiser, noise: torch.Tensor, steps: InjectionSteps
-) -> tuple[torch.Tensor, SourceFeatures]:
-    """Sample a source image from `noise` and capture its features: at each step i < max(n_f, n_a) the
-    sites' outputs of both guidance halves, unconditional then conditional (docs/algorithm.md §4)."""
+) -> tuple[tuple[torch.Tensor, ...], SourceFeatures]:
+    """Sample a source image from `noise`; return its latent after each step (the last is its clean latent)
+    and its features: at each step i < max(n_f, n_a) the sites' outputs of both guidance halves,
+    unconditional then conditional (docs/algorithm.md §4)."""
     recorder = FeatureRecorder(steps, guidance_halves=True)
+    trajectory: list[torch.Tensor] = []
+
+    def keep(x: torch.Tensor, step: int) -> torch.Tensor:
+        trajectory.append(x)
+        return x
 
     def denoise_and_capture(x: torch.Tensor, step: int) -> torch.Tensor:
         if step >= steps.capture_steps:
@@ -158,5 +164,5 @@ def generate_source(
         recorder.record(step, captured)
         return eps
 
-    latent = sample(denoise_and_capture, noise.float(), denoiser.schedule, denoiser.timesteps, "generation")
-    return latent, recorder.features()
+    sample(denoise_and_capture, noise.float(), denoiser.schedule, denoiser.timesteps, "generation", keep)
+    return tuple(trajectory), recorder.features()

@@ -20,6 +20,9 @@ def test_expected_evals_match_the_cost_model_at_defaults() -> None:
     assert expected_evals(four, repeat=True) == 400  # 100 P
     generation = PnPConfig.from_mapping({"generation_prompt": "a horse", "translation_prompts": "a;b"})
     assert expected_evals(generation) == 2 * 50 + 2 * 50 * 2
+    masked = PnPConfig.from_mapping({"translation_prompts": "a;b", "auto_mask": True})
+    assert expected_evals(masked) == 90 + 200 + 10 * (1 + 2)  # K (1 + P) on top
+    assert expected_evals(masked, repeat=True) == 200 + 30
     assert published_evals(1) == 999 + 2 * 999 + 100
     assert published_evals(4) == 999 + 2 * 999 + 400
 
@@ -39,9 +42,10 @@ def test_benchmark_counts_follow_the_cost_model(
         ("new image", 4, False),
         ("repeat (cached)", 4, True),
         ("generation", 1, False),
+        ("auto-mask", 1, False),
     ]
-    # N = 10, M = 50: inversion 50, extraction max(int(8.0), int(5.0)) = 8, translation 2·10·P.
-    assert [r["expected_evals"] for r in rows] == [50 + 8 + 20, 20, 50 + 8 + 80, 80, 20 + 20]
+    # N = 10, M = 50: inversion 50, extraction max(int(8.0), int(5.0)) = 8, translation 2·10·P, masks 10 (1 + P).
+    assert [r["expected_evals"] for r in rows] == [50 + 8 + 20, 20, 50 + 8 + 80, 80, 20 + 20, 50 + 8 + 20 + 20]
     for row in rows:
         assert row["unet_evals"] == row["expected_evals"], row
         assert row["published_over_ours"] == pytest.approx(row["published_evals"] / row["unet_evals"])

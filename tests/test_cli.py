@@ -3,6 +3,7 @@ options (the inputs) and its exit codes."""
 
 from __future__ import annotations
 
+import argparse
 import runpy
 import subprocess
 import sys
@@ -25,7 +26,10 @@ def test_options_are_the_inputs_with_their_types_and_choices():
             assert name not in options
             continue
         option = options[name]
-        assert option.type is spec.type and option.choices == spec.choices, name
+        if spec.type is bool:  # a flag with its negation: --auto_mask, --no-auto_mask
+            assert isinstance(option, argparse.BooleanOptionalAction), name
+        else:
+            assert option.type is spec.type and option.choices == spec.choices, name
         assert option.help.startswith(spec.description), name
         # An input left out takes the preset's value, else the config's default; output_format is no config field.
         assert option.default == (spec.default if name == "output_format" else None), name
@@ -86,6 +90,22 @@ def test_a_preset_with_a_generation_prompt_takes_the_prompts_alone(tiny_model_di
     # An image as well is one positional argument too many for that preset.
     assert main([str(HORSE), "a zebra", "--config", "generated", "--out", str(tmp_path), *FAST]) == 2
     assert "expected PROMPTS (the source is generated)" in capsys.readouterr().err
+
+
+def test_auto_mask_saves_each_prompts_mask_beside_its_image(tiny_model_dir, tmp_path, capsys):
+    arguments = ["--generation_prompt", "a horse", "--seed", "3", "--model", str(tiny_model_dir), *FAST]
+    code = main(["a robot horse; a zebra", "--out", str(tmp_path), "--auto_mask", "--save-masks", *arguments])
+    printed = capsys.readouterr().out
+    assert code == 0
+    # The generated source is out-0; each prompt's mask goes with its image.
+    names = ["out-0.png", "out-1-mask.png", "out-1.png", "out-2-mask.png", "out-2.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert Image.open(tmp_path / "out-1-mask.png").mode == "L"
+    assert "mask coverage" in printed and printed.count("UNet evals") >= 8
+    # Masks without --auto_mask are a usage error, before any work.
+    assert main(["a cat", "--out", str(tmp_path / "none"), "--save-masks", *arguments]) == 2
+    assert "--save-masks saves the masks of --auto_mask" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_bad_input_is_an_error_naming_it(tiny_model_dir, tmp_path, capsys):

@@ -47,10 +47,11 @@ SCHEMA_ORDER = [
     "seed",
     "output_format",
     "mask",
+    "auto_mask",
 ]
 # Every input but the two files, with what it accepts.
 SPECS = {**INPUTS, "output_format": OUTPUT_FORMAT}
-JSON_TYPES = {str: "string", float: "number", int: "integer"}
+JSON_TYPES = {str: "string", float: "number", int: "integer", bool: "boolean"}
 
 
 def _shared_cog_file(name: str) -> Path:
@@ -180,7 +181,8 @@ def _enum(schema: dict[str, Any], prop: dict[str, Any]) -> list[Any]:
 def test_inputs_are_specs_in_specs_order(properties: dict[str, Any]) -> None:
     assert list(properties) == SCHEMA_ORDER
     assert [properties[name]["x-order"] for name in SCHEMA_ORDER] == list(range(len(SCHEMA_ORDER)))
-    assert list(INPUTS) == SCHEMA_ORDER[1:-2]  # the engine's inputs, in the same order
+    # The engine's inputs, in the same order: all but the two files and output_format.
+    assert list(INPUTS) == [name for name in SCHEMA_ORDER if name not in ("input_image", "output_format", "mask")]
 
 
 def test_no_input_is_required(schema: dict[str, Any]) -> None:

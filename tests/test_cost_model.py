@@ -32,6 +32,7 @@ def test_cost_model_of_generation_mode(engine: PnPEngine):
         "inversion": 0,
         "extraction": 0,
         "generation": 20,
+        "mask": 0,
         "translation": 40,
         "decode": 0,
     }

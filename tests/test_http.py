@@ -232,6 +232,7 @@ def test_real_image_prediction(server: Server, horse_uri: str) -> None:
         "inversion": 10,
         "extraction": 8,
         "generation": 0,
+        "mask": 0,
         "translation": 20,
         "decode": 0,
     }
@@ -274,6 +275,27 @@ def test_generation_mode_returns_source_then_one_image_per_prompt(server: Server
         "generation": 20,
     }
     assert "generation done" in body["logs"]
+
+
+def test_auto_mask_prediction_reports_each_prompts_coverage(server: Server, horse_uri: str) -> None:
+    response = server.predict(
+        input_image=horse_uri,
+        translation_prompts="a robot horse; a zebra",
+        inversion_prompt="a horse",
+        auto_mask=True,
+        **FAST,
+    )
+    body = response.json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert len(body["output"]) == 2
+    metrics = body["metrics"]
+    coverage = metrics["mask_coverage"]
+    assert len(coverage) == 2 and all(0 <= fraction <= 1 for fraction in coverage)
+    assert metrics["phases"]["mask"]["unet_evals"] == 10 * (1 + 2)  # K (1 + P)
+    assert "auto_mask: 'a robot horse' edits" in body["logs"] and "mask coverage" in body["logs"]
+    # With a painted mask it is refused, naming both.
+    refused = server.predict(input_image=horse_uri, mask=horse_uri, auto_mask=True, **FAST).json()
+    assert refused["status"] == "failed" and "auto_mask: cannot be used together with mask" in refused["error"]
 
 
 @pytest.mark.parametrize(
