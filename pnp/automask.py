@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .errors import NonFiniteError
 from .injection import InjectionUNet
+from .progress import progress
 from .schedules import NoiseSchedule
 
 MASK_NOISES = 10
@@ -73,10 +74,11 @@ def noise_differences(
     latents = noised.repeat(len(texts), 1, 1, 1)
     context = texts.repeat_interleave(MASK_NOISES, dim=0)
     on_device = torch.tensor([timestep], device=clean_latent.device)
-    outputs = [
-        unet(latents[lo : lo + batch_size].to(unet.dtype), on_device, context[lo : lo + batch_size])
-        for lo in range(0, len(latents), batch_size)
-    ]
+    calls = range(0, len(latents), batch_size)
+    outputs = []
+    for call in progress(len(calls), "mask"):
+        lo = calls[call]
+        outputs.append(unet(latents[lo : lo + batch_size].to(unet.dtype), on_device, context[lo : lo + batch_size]))
     eps = schedule.epsilon(torch.cat(outputs), latents, alpha_bar).unflatten(0, (len(texts), MASK_NOISES))
     differences = (eps[1:] - eps[:1]).abs().mean(dim=(1, 2))
     if not torch.isfinite(differences).all():

@@ -1,14 +1,19 @@
-"""Progress of the step loops: a tqdm bar per phase on a terminal, as diffusers shows, else log lines.
+"""Progress of the step loops: a tqdm bar per phase on a terminal, as diffusers shows, else log lines; and,
+inside `reporting_to(callback)`, the steps also reported to a caller (the web page's progress bar).
 
 Where stderr is not a terminal (Cog collects stdout and the logs as the prediction's logs, CI keeps
-files), a bar's carriage returns would be noise, so every tenth step is logged instead.
+files), a bar's carriage returns would be noise, so every tenth step is logged instead. The reporter is
+a context variable, set for the block of one request only: requests in other threads or contexts are not
+reported to it.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from tqdm import tqdm
 
@@ -16,15 +21,37 @@ logger = logging.getLogger(__name__)
 
 LOG_EVERY = 10
 
+ProgressCallback = Callable[[str, int, int], None]
+"""callback(phase, steps done, steps of the phase), after each step."""
+
+_reporter: ContextVar[ProgressCallback | None] = ContextVar("pnp_progress_reporter", default=None)
+
+
+@contextmanager
+def reporting_to(callback: ProgressCallback) -> Iterator[None]:
+    """Inside the block, every step loop of the engine also calls `callback` after each of its steps."""
+    token = _reporter.set(callback)
+    try:
+        yield
+    finally:
+        _reporter.reset(token)
+
 
 def progress(total: int, phase: str) -> Iterator[int]:
     """Yield 0 .. total − 1, showing `phase` with the steps done and their rate."""
-    if sys.stderr.isatty():
-        yield from tqdm(range(total), desc=phase, unit="step")
-        return
-    for step in range(total):
-        yield step
-        # Reached when the loop comes back for the next step: the step's work is queued, and on a GPU may
-        # still be running (a phase's seconds are taken after a synchronisation, these lines are not).
-        if (step + 1) % LOG_EVERY == 0 or step + 1 == total:
-            logger.info("%s step %d/%d", phase, step + 1, total)
+    report = _reporter.get()
+    bar = tqdm(total=total, desc=phase, unit="step") if sys.stderr.isatty() else None
+    try:
+        for step in range(total):
+            yield step
+            # Reached when the loop comes back for the next step: the step's work is queued, and on a GPU
+            # may still be running (a phase's seconds are taken after a synchronisation, these are not).
+            if bar is not None:
+                bar.update()
+            elif (step + 1) % LOG_EVERY == 0 or step + 1 == total:
+                logger.info("%s step %d/%d", phase, step + 1, total)
+            if report is not None:
+                report(phase, step + 1, total)
+    finally:
+        if bar is not None:
+            bar.close()

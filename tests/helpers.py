@@ -7,6 +7,7 @@ Fixtures (tiny models, engines, the in-process Cog predictor, log capture) are i
 from __future__ import annotations
 
 import io
+import socket
 import struct
 import zlib
 from collections.abc import Callable, Iterable
@@ -34,6 +35,13 @@ RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 200, 0), (255, 255, 255)
 # 192 px), so that the soak test's new images must evict; at the default bound (a fifth of the
 # machine's memory) the cache could legitimately keep every one of them.
 SERVICE_CACHE_BYTES = 4 * 2**20
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a server a test starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # --- requests ----------------------------------------------------------------------------------------

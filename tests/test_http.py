@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,17 +31,11 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.helpers import FAST, HORSE, ROOT, horse_at
+from tests.helpers import FAST, HORSE, ROOT, free_port, horse_at
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 # Where coglet, the server of the cog SDK, keeps prediction files (fixed in its binary; a container's /tmp).
 COGLET_DIR = Path("/tmp/coglet")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _data_uri(data: bytes, mime: str) -> str:
@@ -127,7 +120,7 @@ class WebhookSink:
 def server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, openapi_schema: dict[str, Any]
 ) -> Iterator[Server]:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     # coglet starts its worker with the `python` on PATH: it must be this environment's.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

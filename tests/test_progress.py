@@ -10,7 +10,7 @@ import pytest
 
 from pnp import PnPEngine
 from pnp import progress as progress_module
-from pnp.progress import progress
+from pnp.progress import progress, reporting_to
 from tests.helpers import HORSE, config
 
 
@@ -50,3 +50,15 @@ def test_every_phase_of_a_request_reports_its_progress(engine: PnPEngine, monkey
     phases = ["generation", "translation"] if generation else ["inversion", "translation"]
     steps = [r.getMessage() for r in caplog.records if r.name == "pnp.progress"]
     assert steps == [f"{phase} step 10/10" for phase in phases]
+
+
+def test_a_reporter_hears_every_step_of_every_phase(engine: PnPEngine, monkeypatch):
+    monkeypatch.setattr(progress_module.sys, "stderr", io.StringIO())
+    heard: list[tuple[str, int, int]] = []
+    with reporting_to(lambda phase, done, total: heard.append((phase, done, total))):
+        engine(config(inversion_prompt="reported", auto_mask=True, translation_prompts="a cat; a dog"), HORSE)
+    engine(config(inversion_prompt="not reported"), HORSE)  # outside the block: nothing more
+    # 10 inversion steps, the mask's 30 latents in one UNet call (256 fit one at 128 px), then 10
+    # translation steps, in order.
+    expected = [("inversion", i, 10) for i in range(1, 11)] + [("mask", 1, 1)]
+    assert heard == expected + [("translation", i, 10) for i in range(1, 11)]
