@@ -2,7 +2,8 @@
 
 `PnPEngine.__call__` follows docs/algorithm.md step by step: check the inputs (every refusal, before any
 UNet work), encode the prompts, prepare the source (a real image's inversion and features, cached, or a
-generated image and its features), translate, decode. The Cog predictor, the command line and the
+generated image and its features), prepare the region (a painted mask, or with auto_mask one per
+prompt), translate, decode. The Cog predictor, the command line and the
 benchmark all drive `PnPEngine`. Below it, the predictor's setup and the benchmark use only the loaded
 model's switches (device, dtype, compiled, channels_last) and clear the cache.
 """

@@ -198,6 +198,20 @@ def test_a_generation_request_with_auto_mask(client: Client):
     assert "generated source, seed 3" in status and "auto_mask coverage" in status
 
 
+def test_the_progress_follows_the_engines_phases(client: Client):
+    # 50 steps, so that the request lasts long enough for the queue's status updates to be seen.
+    values = {name: spec.default for name, spec in CONTROL_SPECS.items()}
+    values.update(seed="", image_size=128, inversion_prompt="progress")
+    editor = {"background": handle_file(str(HORSE)), "layers": [], "composite": None}
+    job = client.submit(editor, *values.values(), api_name="/run")
+    phases = set()
+    while not job.done():
+        phases.update((p.desc, p.length) for p in job.status().progress_data or [])
+        time.sleep(0.02)
+    assert {("inversion", 50), ("translation", 50)} <= phases
+    assert "190 UNet evaluations" in job.result()[2]
+
+
 def test_bad_input_shows_the_engines_error_and_the_page_goes_on(client: Client):
     editor = {"background": handle_file(str(HORSE)), "layers": [], "composite": None}
     with pytest.raises(AppError, match="translation_prompts: give at least one non-empty prompt"):
