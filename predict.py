@@ -175,6 +175,7 @@ class Predictor(BaseRunner):
         self.record_metric("unet_evals", result.stats.unet_evals)
         self.record_metric("cache_hit", result.stats.cache_hit)
         self.record_metric("float32_retry", result.stats.float32_retry)
+        self.record_metric("memory_retries", result.stats.memory_retries)
         if result.stats.mask_coverage:
             self.record_metric("mask_coverage", result.stats.mask_coverage)
         for name, phase in result.stats.phases.items():

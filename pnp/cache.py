@@ -112,6 +112,11 @@ class SourceCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def retain(self, keys: set[SourceKey]) -> None:
+        """Drop every entry but those of `keys` (to free memory for a request that uses them)."""
+        for key in [key for key in self._entries if key not in keys]:
+            del self._entries[key]
+
     def get_or_compute(
         self,
         key: SourceKey,

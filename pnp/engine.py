@@ -14,10 +14,11 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import TypeVar
 
 import torch
 from PIL import Image
@@ -46,6 +47,8 @@ from .translation import Denoiser, Guidance, Injection, generate_source, sample
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 PHASES = ("load", "inversion", "extraction", "generation", "mask", "translation", "decode")
 GENERATION_GUIDANCE_SCALE = 5.0
 # Latent pixels per UNet call: 16 latents at 512x512 (64x64 latents), fewer at larger sizes.
@@ -63,12 +66,14 @@ class PhaseStats:
 class RunStats:
     """Seconds and UNet evaluations (latents through the UNet, counted as they run) per phase.
 
-    After a float32 retry they are both runs' together: what the request cost. With auto_mask,
+    After a float32 retry they are both runs' together, and after out-of-memory retries every attempt's:
+    what the request cost. With auto_mask,
     `mask_coverage` is each prompt's fraction of latent positions its mask edits."""
 
     phases: dict[str, PhaseStats] = field(default_factory=lambda: {name: PhaseStats() for name in PHASES})
     cache_hit: bool = False
     float32_retry: bool = False
+    memory_retries: int = 0
     mask_coverage: list[float] = field(default_factory=list)
 
     @property
@@ -83,7 +88,11 @@ class RunStats:
         lines = [f"{name:<12} {p.seconds:8.2f} s {p.unet_evals:6d} UNet evals" for name, p in self.phases.items()]
         notes = [
             note
-            for note, applies in (("cached inversion", self.cache_hit), ("float32 retry", self.float32_retry))
+            for note, applies in (
+                ("cached inversion", self.cache_hit),
+                ("float32 retry", self.float32_retry),
+                (f"{self.memory_retries} out-of-memory retries", self.memory_retries),
+            )
             if applies
         ]
         lines.append(
@@ -122,14 +131,23 @@ class SeededNoise:
     seed: int
 
 
+@dataclass
+class CallBudget:
+    """How many latents one UNet or VAE call of a request may carry: `batch_latent_pixels` over a latent's
+    positions at the working size, halved after each out-of-memory error (docs/cost-model.md §7)."""
+
+    latents_per_call: int
+
+
 @dataclass(frozen=True)
 class CheckedRequest:
-    """A request that passed every check: its config, its sampling timesteps t_0 > ... > t_{N-1}, and where
-    its source comes from."""
+    """A request that passed every check: its config, its sampling timesteps t_0 > ... > t_{N-1}, where its
+    source comes from, and its latents per call."""
 
     config: PnPConfig
     timesteps: list[int]
     source: InputImage | SeededNoise
+    budget: CallBudget
 
     @property
     def size(self) -> tuple[int, int]:
@@ -148,6 +166,14 @@ class PnPResult:
     seed: int | None
     stats: RunStats
     masks: list[Image.Image] = field(default_factory=list)
+
+
+def default_batch_latent_pixels() -> int:
+    """`PNP_BATCH_LATENT_PIXELS`, else DEFAULT_BATCH_LATENT_PIXELS: latent positions per UNet or VAE call."""
+    value = os.environ.get("PNP_BATCH_LATENT_PIXELS", str(DEFAULT_BATCH_LATENT_PIXELS))
+    if not value.isdigit() or int(value) == 0:
+        raise ModelError(f"PNP_BATCH_LATENT_PIXELS: must be a positive whole number of latent positions, not {value!r}")
+    return int(value)
 
 
 def default_cache_bytes(device: torch.device) -> int:
@@ -171,12 +197,12 @@ class PnPEngine:
         self,
         model: StableDiffusion,
         cache_bytes: int | None = None,
-        batch_latent_pixels: int = DEFAULT_BATCH_LATENT_PIXELS,
+        batch_latent_pixels: int | None = None,
     ):
         self.model = model
         self.schedule = NoiseSchedule.from_config(model.scheduler_config)
         self.cache = SourceCache(default_cache_bytes(model.device) if cache_bytes is None else cache_bytes)
-        self.batch_latent_pixels = batch_latent_pixels
+        self.batch_latent_pixels = default_batch_latent_pixels() if batch_latent_pixels is None else batch_latent_pixels
 
     @classmethod
     def from_pretrained(
@@ -248,11 +274,11 @@ class PnPEngine:
         # 4. Translation of x_T for every target prompt at once, the source's features injected (§5); with
         #    a mask, the latents outside it kept on the source's trajectory.
         with self._phase(stats, "translation"):
-            latents = self.translate(request, source, embeddings, region)
+            latents = self._fitting_memory(request, stats, lambda: self.translate(request, source, embeddings, region))
         # 5. Images: a generated source first, then one per prompt (§7); with a mask, the source's pixels
         #    outside it.
         with self._phase(stats, "decode"):
-            images = self.decode(request, source, latents, region)
+            images = self._fitting_memory(request, stats, lambda: self.decode(request, source, latents, region))
         seed = source.seed if isinstance(source, GeneratedSource) else None
         masks = masks_to_images(region.pixel_mask) if request.config.auto_mask else []
         return PnPResult(images=images, seed=seed, stats=stats, masks=masks)
@@ -275,7 +301,8 @@ class PnPEngine:
                     "mask", "works only with an input_image; in generation mode there is no input image to keep"
                 )
             seed = config.seed if config.seed is not None else secrets.randbits(32)
-            return CheckedRequest(config, timesteps, SeededNoise(seed))
+            size = (config.image_size, config.image_size)
+            return CheckedRequest(config, timesteps, SeededNoise(seed), CallBudget(self._latents_per_call(size)))
         if image is None:
             raise InputError("input_image", "give an image to edit, or a generation_prompt to generate one")
         spec = INPUTS["ddim_inversion_steps"]
@@ -284,7 +311,8 @@ class PnPEngine:
         with self._phase(stats, "load"):
             prepared = prepare_image(load_image(image), config.image_size)
             pixel_mask = None if mask is None else load_mask(mask, prepared.size)
-        return CheckedRequest(config, timesteps, InputImage(prepared, pixel_mask))
+        budget = CallBudget(self._latents_per_call(prepared.size))
+        return CheckedRequest(config, timesteps, InputImage(prepared, pixel_mask), budget)
 
     def encode_prompts(self, config: PnPConfig) -> PromptEmbeddings:
         """The request's text embeddings, from one text-encoder call."""
@@ -303,12 +331,16 @@ class PnPEngine:
         """The source of the translation: a real image's, from the cache or computed, or a generated one."""
         if isinstance(request.source, SeededNoise):
             with self._phase(stats, "generation"):
-                return self._generate_source(request, request.source.seed, embeddings)
-        image = request.source.image
-        key = SourceKey.of(self.model.name, self.model.dtype, image, request.config)
+                return self._fitting_memory(
+                    request, stats, lambda: self._generate_source(request, request.source.seed, embeddings)
+                )
         compute = partial(self._compute_inversion, request, embeddings, stats)
+        key = self._cache_key(request.source, request.config)
         entry, stats.cache_hit = self.cache.get_or_compute(key, request.config.injection_steps, compute)
-        return RealSource.from_entry(entry, request.timesteps, image)
+        return RealSource.from_entry(entry, request.timesteps, request.source.image)
+
+    def _cache_key(self, source: InputImage, config: PnPConfig) -> SourceKey:
+        return SourceKey.of(self.model.name, self.model.dtype, source.image, config)
 
     def _generate_source(self, request: CheckedRequest, seed: int, embeddings: PromptEmbeddings) -> GeneratedSource:
         """Sample the source from seeded CPU noise, guided by the generation prompt at scale 5.0, capturing
@@ -343,17 +375,27 @@ class PnPEngine:
             with self._phase(stats, "load"):
                 image_latent = self.model.encode_image(image_to_tensor(request.source.image)).float()
             with self._phase(stats, "inversion"):
-                inversion_steps = request.config.ddim_inversion_steps
-                latents = invert(
-                    unet, self.schedule, image_latent, embeddings.source, inversion_steps, set(request.timesteps)
+                inversion_steps, keep = request.config.ddim_inversion_steps, set(request.timesteps)
+                latents = self._fitting_memory(
+                    request,
+                    stats,
+                    lambda: invert(unet, self.schedule, image_latent, embeddings.source, inversion_steps, keep),
                 )
         else:
             image_latent, latents = partial_entry.image_latent, partial_entry.latents
         captured = request.timesteps[: steps.capture_steps]
         with self._phase(stats, "extraction"):
-            batch_size = self._batch_size(request.size)
-            features = extract_features(
-                unet, [latents[t] for t in captured], captured, embeddings.unconditional, batch_size, steps
+            features = self._fitting_memory(
+                request,
+                stats,
+                lambda: extract_features(
+                    unet,
+                    [latents[t] for t in captured],
+                    captured,
+                    embeddings.unconditional,
+                    request.budget.latents_per_call,
+                    steps,
+                ),
             )
         return SourceEntry(image_latent, latents, features)
 
@@ -364,7 +406,7 @@ class PnPEngine:
         auto_mask each prompt's own region (§10, the "mask" phase)."""
         if request.config.auto_mask:
             with self._phase(stats, "mask"):
-                masks = self._auto_masks(request, source, embeddings)
+                masks = self._fitting_memory(request, stats, lambda: self._auto_masks(request, source, embeddings))
             stats.mask_coverage = masks.coverage
             return EditRegion(masks.pixel_masks, masks.latent_masks, source.kept_latents)
         if isinstance(request.source, InputImage) and request.source.pixel_mask is not None:
@@ -379,7 +421,7 @@ class PnPEngine:
         else:
             seed = 0 if request.config.seed is None else request.config.seed
         texts = torch.cat([embeddings.source, embeddings.targets])
-        unet, batch_size = self.model.injection_unet, self._batch_size(request.size)
+        unet, batch_size = self.model.injection_unet, request.budget.latents_per_call
         differences = noise_differences(unet, self.schedule, source.clean_latent, texts, seed, batch_size)
         masks = threshold(differences, self.model.vae_scale_factor)
         prompts = request.config.translation_prompts
@@ -418,17 +460,50 @@ class PnPEngine:
         first = 1 if isinstance(source, GeneratedSource) else 0
         if first:
             latents = torch.cat([source.clean_latent, latents])
-        pixels = decoded_to_pixels(self.model.decode_latents(latents, self._batch_size(request.size)))
+        pixels = decoded_to_pixels(self.model.decode_latents(latents, request.budget.latents_per_call))
         if region is not None:
             kept = source.pixels if isinstance(source, RealSource) else torch.round(255 * pixels[:1]) / 255
             pixels = torch.cat([pixels[:first], region.blend_pixels(pixels[first:], kept)])
         return pixels_to_images(pixels)
 
+    def _fitting_memory(self, request: CheckedRequest, stats: RunStats, run: Callable[[], T]) -> T:
+        """`run()`, and after each CUDA out-of-memory error `run()` again, with the memory the request does not
+        need freed and half as many latents per call, down to one (docs/cost-model.md §7): the phase
+        starts again, the ones before it stand."""
+        while True:
+            try:
+                return run()
+            except torch.OutOfMemoryError as error:
+                self._free_memory(request, stats, error)
+
+    def _free_memory(self, request: CheckedRequest, stats: RunStats, error: torch.OutOfMemoryError) -> None:
+        """Drop the cache entries the request does not use and CUDA's cached blocks, then halve the latents
+        per call, counted in the stats; where one latent per call did not fit, an `InputError` naming the
+        working size and the prompts."""
+        keep = self._cache_key(request.source, request.config) if isinstance(request.source, InputImage) else None
+        self.cache.retain(set() if keep is None else {keep, replace(keep, dtype=str(torch.float32))})
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        budget = request.budget
+        # The call that failed carried at most this many latents: halving it is what can help.
+        failed = min(budget.latents_per_call, self.model.injection_unet.last_call_latents or budget.latents_per_call)
+        if failed <= 1:
+            width, height = request.size
+            prompts = len(request.config.translation_prompts)
+            raise InputError(
+                "image_size",
+                f"a {width}x{height} working size with {prompts} translation_prompts does not fit in the free "
+                f"memory of {self.model.device}, even one latent per UNet call; use a smaller image_size",
+            ) from error
+        budget.latents_per_call = failed // 2
+        stats.memory_retries += 1
+        logger.warning("out of memory (%s); again with %d latents per call", error, budget.latents_per_call)
+
     def _denoiser(self, request: CheckedRequest, guidance: Guidance, injection: Injection | None = None) -> Denoiser:
-        unet, batch_size = self.model.injection_unet, self._batch_size(request.size)
+        unet, batch_size = self.model.injection_unet, request.budget.latents_per_call
         return Denoiser(unet, self.schedule, request.timesteps, guidance, batch_size, injection)
 
-    def _batch_size(self, size: tuple[int, int]) -> int:
+    def _latents_per_call(self, size: tuple[int, int]) -> int:
         """Latents per UNet or VAE call at a working size (W, H): `batch_latent_pixels` over a latent's positions."""
         width, height = size
         factor = self.model.vae_scale_factor

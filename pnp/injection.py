@@ -240,6 +240,7 @@ class InjectionUNet:
     def __init__(self, unet: UNet2DConditionModel):
         self.unet = unet
         self.evals = 0
+        self.last_call_latents = 0
         self._state = _SiteState()
         # The sites are plain module code inside the UNet, so torch.compile traces them with it.
         self.unet_forward = Compilable(unet, "UNet")
@@ -277,13 +278,16 @@ class InjectionUNet:
         injected: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The UNet's output for `latents` (B, 4, h, w) with the `injected` features of this call, each one
-        row per latent or one row for all."""
-        self.evals += latents.shape[0]
+        row per latent or one row for all. A call that fails (out of memory) evaluates nothing and is not
+        counted; `last_call_latents` is its size all the same."""
+        self.last_call_latents = latents.shape[0]
         self._state.injected = injected or {}
         try:
-            return self.unet_forward(latents, timesteps, encoder_hidden_states=text).sample
+            output = self.unet_forward(latents, timesteps, encoder_hidden_states=text).sample
         finally:
             self._state.injected = {}
+        self.evals += latents.shape[0]
+        return output
 
     @contextmanager
     def capturing(self) -> Iterator[dict[str, torch.Tensor]]:

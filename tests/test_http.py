@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -116,18 +117,19 @@ class WebhookSink:
         self.httpd.server_close()
 
 
-@pytest.fixture(scope="module")
-def server(
-    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, openapi_schema: dict[str, Any]
+@contextmanager
+def cog_server(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory, predictor: str = "predict.py:Predictor", **env_vars: str
 ) -> Iterator[Server]:
+    """Cog's HTTP server on a free port of 127.0.0.1 with `predictor` on the tiny model, until the block ends."""
     port = free_port()
     env = dict(os.environ)
     # coglet starts its worker with the `python` on PATH: it must be this environment's.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(
-        COG_PREDICT_TYPE_STUB="predict.py:Predictor",
+        COG_PREDICT_TYPE_STUB=predictor,
         PORT=str(port),
-        PNP_MODEL=str(tiny_model_dir),
+        PNP_MODEL=str(model_dir),
         PNP_DEVICE="cpu",
         PYTHONUNBUFFERED="1",
         # One torch thread, as in the test process (conftest.py): oversubscribed OpenMP threads on a
@@ -135,6 +137,7 @@ def server(
         OMP_NUM_THREADS="1",
         # The predictor's output directories and Cog's downloaded inputs stay in the test's temp tree.
         TMPDIR=str(tmp_path_factory.mktemp("cog-tmp")),
+        **env_vars,
     )
     env.pop("PNP_DTYPE", None)
     log_path = tmp_path_factory.mktemp("cog-server") / "server.log"
@@ -173,6 +176,14 @@ def server(
                 shutil.rmtree(path, ignore_errors=True)
         else:
             shutil.rmtree(COGLET_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, openapi_schema: dict[str, Any]
+) -> Iterator[Server]:
+    with cog_server(tiny_model_dir, tmp_path_factory) as srv:
+        yield srv
 
 
 def _coglet_predictions() -> set[Path]:
@@ -220,6 +231,7 @@ def test_real_image_prediction(server: Server, horse_uri: str) -> None:
     # The engine's figures are the prediction's metrics too.
     metrics = body["metrics"]
     assert metrics["unet_evals"] == 10 + 8 + 20 and metrics["cache_hit"] is False and metrics["float32_retry"] is False
+    assert metrics["memory_retries"] == 0
     assert {name: phase["unet_evals"] for name, phase in metrics["phases"].items()} == {
         "load": 0,
         "inversion": 10,
@@ -385,3 +397,27 @@ def test_cancel_a_long_prediction(server: Server, sink: WebhookSink, horse_uri: 
 def test_a_cancel_of_an_unknown_prediction_is_404(server: Server) -> None:
     response = requests.post(f"{server.url}/predictions/no-such-prediction/cancel", timeout=10)
     assert response.status_code == 404
+
+
+def test_out_of_memory_over_http_leaves_the_service_ready(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, openapi_schema: dict[str, Any], horse_uri: str
+) -> None:
+    """The service's predictor on a GPU that holds at most the latents per UNet call that a file names
+    (tests/small_gpu_predict.py): none, then 2, then no limit."""
+    limit = tmp_path_factory.mktemp("small-gpu") / "latent-limit"
+    limit.write_text("0")
+    predictor = "tests/small_gpu_predict.py:Predictor"
+    with cog_server(tiny_model_dir, tmp_path_factory, predictor, PNP_TEST_LATENT_LIMIT=str(limit)) as srv:
+        request = {"input_image": horse_uri, "translation_prompts": "a cat; a dog", "inversion_prompt": "oom", **FAST}
+        failed = srv.predict(**request).json()
+        assert failed["status"] == "failed"
+        assert "image_size: a 128x128 working size with 2 translation_prompts does not fit" in failed["error"]
+        assert srv.health() == "READY"
+        limit.write_text("2")
+        body = srv.predict(**request).json()
+        assert body["status"] == "succeeded", body.get("error")
+        assert len(body["output"]) == 2 and body["metrics"]["memory_retries"] == 2  # extraction: 8, then 4, then 2
+        limit.write_text("none")
+        again = srv.predict(**{**request, "translation_prompts": "a zebra"}).json()
+        assert again["status"] == "succeeded" and again["metrics"]["cache_hit"] is True  # the entry was whole
+        assert again["metrics"]["memory_retries"] == 0
