@@ -137,6 +137,7 @@ class CallBudget:
     positions at the working size, halved after each out-of-memory error (docs/cost-model.md §7)."""
 
     latents_per_call: int
+    retried_one_latent: bool = False
 
 
 @dataclass(frozen=True)
@@ -478,8 +479,8 @@ class PnPEngine:
 
     def _free_memory(self, request: CheckedRequest, stats: RunStats, error: torch.OutOfMemoryError) -> None:
         """Drop the cache entries the request does not use and CUDA's cached blocks, then halve the latents
-        per call, counted in the stats; where one latent per call did not fit, an `InputError` naming the
-        working size and the prompts."""
+        per call (a call of one latent is tried once more), counted in the stats; where one latent per call
+        did not fit even so, an `InputError` naming the working size and the prompts."""
         keep = self._cache_key(request.source, request.config) if isinstance(request.source, InputImage) else None
         self.cache.retain(set() if keep is None else {keep, replace(keep, dtype=str(torch.float32))})
         if self.model.device.type == "cuda":
@@ -487,7 +488,7 @@ class PnPEngine:
         budget = request.budget
         # The call that failed carried at most this many latents: halving it is what can help.
         failed = min(budget.latents_per_call, self.model.injection_unet.last_call_latents or budget.latents_per_call)
-        if failed <= 1:
+        if failed <= 1 and budget.retried_one_latent:
             width, height = request.size
             prompts = len(request.config.translation_prompts)
             raise InputError(
@@ -495,7 +496,9 @@ class PnPEngine:
                 f"a {width}x{height} working size with {prompts} translation_prompts does not fit in the free "
                 f"memory of {self.model.device}, even one latent per UNet call; use a smaller image_size",
             ) from error
-        budget.latents_per_call = failed // 2
+        # One latent per call gets one more try, with the memory given back.
+        budget.retried_one_latent = failed <= 1
+        budget.latents_per_call = max(1, failed // 2)
         stats.memory_retries += 1
         logger.warning("out of memory (%s); again with %d latents per call", error, budget.latents_per_call)
 

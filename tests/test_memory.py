@@ -76,9 +76,10 @@ def test_when_even_one_latent_does_not_fit_the_error_is_clear_and_the_next_reque
     engine: PnPEngine, small_memory, monkeypatch
 ):
     engine(config(inversion_prompt="kept"), HORSE)  # an entry of another request, dropped to free memory
-    small_memory(0)
+    fault = small_memory(0)
     with pytest.raises(InputError, match="image_size: a 128x128 working size with 2 translation_prompts does not fit"):
         engine(config(translation_prompts="a cat; a dog", inversion_prompt="too large"), HORSE)
+    assert fault.refused == [1, 1]  # the inversion's first call, and once more after the memory was freed
     assert entries_for(engine, "too large") == []  # nothing partial was stored
     assert entries_for(engine, "kept") == []  # the memory of unused entries was given back
     assert engine.model.injection_unet.idle
