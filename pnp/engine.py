@@ -332,9 +332,7 @@ class PnPEngine:
         """The source of the translation: a real image's, from the cache or computed, or a generated one."""
         if isinstance(request.source, SeededNoise):
             with self._phase(stats, "generation"):
-                return self._fitting_memory(
-                    request, stats, lambda: self._generate_source(request, request.source.seed, embeddings)
-                )
+                return self._fitting_memory(request, stats, lambda: self._generate_source(request, embeddings))
         compute = partial(self._compute_inversion, request, embeddings, stats)
         key = self._cache_key(request.source, request.config)
         entry, stats.cache_hit = self.cache.get_or_compute(key, request.config.injection_steps, compute)
@@ -343,9 +341,10 @@ class PnPEngine:
     def _cache_key(self, source: InputImage, config: PnPConfig) -> SourceKey:
         return SourceKey.of(self.model.name, self.model.dtype, source.image, config)
 
-    def _generate_source(self, request: CheckedRequest, seed: int, embeddings: PromptEmbeddings) -> GeneratedSource:
+    def _generate_source(self, request: CheckedRequest, embeddings: PromptEmbeddings) -> GeneratedSource:
         """Sample the source from seeded CPU noise, guided by the generation prompt at scale 5.0, capturing
         its features (docs/algorithm.md §4)."""
+        seed = request.source.seed
         logger.info("seed %d", seed)
         width, height = request.size
         factor = self.model.vae_scale_factor

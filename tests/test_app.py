@@ -140,13 +140,16 @@ def page(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             process.wait(timeout=20)
 
 
-def run_request(client: Client, editor: dict | None, **inputs: Any) -> tuple[list, list, str]:
-    """One "Run" through Gradio's client: the editor's value, then every control, defaults unless given."""
+def control_values(**inputs: Any) -> list[Any]:
+    """Every control's value in the page's order: its default (the seed box empty), FAST, then `inputs`."""
     values = {name: spec.default for name, spec in CONTROL_SPECS.items()}
-    values["seed"] = ""
-    values.update(FAST)
-    values.update(inputs)
-    return client.predict(editor, *values.values(), api_name="/run")
+    values.update({"seed": "", **FAST, **inputs})
+    return list(values.values())
+
+
+def run_request(client: Client, editor: dict | None, **inputs: Any) -> tuple[list, list, str]:
+    """One "Run" through Gradio's client: the editor's value, then every control."""
+    return client.predict(editor, *control_values(**inputs), api_name="/run")
 
 
 @pytest.fixture(scope="module")
@@ -200,10 +203,9 @@ def test_a_generation_request_with_auto_mask(client: Client):
 
 def test_the_progress_follows_the_engines_phases(client: Client):
     # 50 steps, so that the request lasts long enough for the queue's status updates to be seen.
-    values = {name: spec.default for name, spec in CONTROL_SPECS.items()}
-    values.update(seed="", image_size=128, inversion_prompt="progress")
+    values = control_values(num_inference_steps=50, ddim_inversion_steps=50, inversion_prompt="progress")
     editor = {"background": handle_file(str(HORSE)), "layers": [], "composite": None}
-    job = client.submit(editor, *values.values(), api_name="/run")
+    job = client.submit(editor, *values, api_name="/run")
     phases = set()
     while not job.done():
         phases.update((p.desc, p.length) for p in job.status().progress_data or [])
