@@ -75,8 +75,28 @@ class Server:
             time.sleep(0.2)
         raise AssertionError(f"health-check stayed {last!r}, not {status!r}, for {timeout} s:\n{self.log_tail()}")
 
+    def post_prediction(
+        self, body: dict[str, Any], asynchronous: bool = False, prediction_id: str | None = None
+    ) -> requests.Response:
+        """POST /predictions (PUT /predictions/ID with an id); a 409 "At capacity" is retried for a while.
+
+        Cog's server answers a synchronous prediction before it hands its one slot back, so a request
+        sent right after another can meet a busy server for a moment (a CI run did).
+        """
+        headers = {"Prefer": "respond-async"} if asynchronous else {}
+        deadline = time.monotonic() + 30
+        while True:
+            if prediction_id is None:
+                response = requests.post(f"{self.url}/predictions", json=body, headers=headers, timeout=300)
+            else:
+                url = f"{self.url}/predictions/{prediction_id}"
+                response = requests.put(url, json={**body, "id": prediction_id}, headers=headers, timeout=300)
+            if response.status_code != 409 or time.monotonic() > deadline:
+                return response
+            time.sleep(0.1)
+
     def predict(self, **inputs) -> requests.Response:
-        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=300)
+        return self.post_prediction({"input": inputs})
 
 
 class WebhookSink:
@@ -330,15 +350,13 @@ def test_a_request_the_schema_allows_but_the_engine_refuses_fails_clearly(server
 
 
 def test_async_prediction_posts_webhook_events(server: Server, sink: WebhookSink, horse_uri: str) -> None:
-    response = requests.post(
-        f"{server.url}/predictions",
-        json={
+    response = server.post_prediction(
+        {
             "input": {"input_image": horse_uri, "translation_prompts": "a; b", **FAST},
             "webhook": sink.url("/async"),
             "webhook_events_filter": ["start", "output", "logs", "completed"],
         },
-        headers={"Prefer": "respond-async"},
-        timeout=30,
+        asynchronous=True,
     )
     assert response.status_code == 202, response.text
     assert response.json()["status"] in ("starting", "processing")
@@ -358,10 +376,8 @@ def test_cancel_a_long_prediction(server: Server, sink: WebhookSink, horse_uri: 
     # inversion steps and 200 sampling steps would take hours: the prediction is surely running
     # when it is canceled (a finished one would end "succeeded", not "canceled").
     prediction_id = f"cancel-{uuid.uuid4().hex[:8]}"
-    response = requests.put(
-        f"{server.url}/predictions/{prediction_id}",
-        json={
-            "id": prediction_id,
+    response = server.post_prediction(
+        {
             "input": {
                 "input_image": horse_uri,
                 "image_size": 1024,
@@ -371,8 +387,8 @@ def test_cancel_a_long_prediction(server: Server, sink: WebhookSink, horse_uri: 
             "webhook": sink.url("/cancel"),
             "webhook_events_filter": ["start", "completed"],
         },
-        headers={"Prefer": "respond-async"},
-        timeout=30,
+        asynchronous=True,
+        prediction_id=prediction_id,
     )
     assert response.status_code == 202, response.text
     server.wait_for("BUSY", timeout=30)
