@@ -112,6 +112,11 @@ class SourceCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def evict_while(self, condition: Callable[[], bool]) -> None:
+        """Drop the least recently used entries one by one while `condition()` holds (it reads the free memory)."""
+        while self._entries and condition():
+            self._entries.popitem(last=False)
+
     def retain(self, keys: set[SourceKey]) -> None:
         """Drop every entry but those of `keys` (to free memory for a request that uses them)."""
         for key in [key for key in self._entries if key not in keys]:

@@ -23,7 +23,7 @@ from typing import TypeVar
 import torch
 from PIL import Image
 
-from .automask import AutoMasks, noise_differences, threshold
+from .automask import MASK_NOISES, AutoMasks, noise_differences, threshold
 from .cache import SourceCache, SourceEntry, SourceKey
 from .config import INPUTS, PnPConfig
 from .errors import InputError, ModelError, NonFiniteError
@@ -36,9 +36,11 @@ from .image_io import (
     masks_to_images,
     pixels_to_images,
     prepare_image,
+    working_size,
 )
 from .injection import InjectionSteps
 from .inversion import extract_features, invert
+from .memory import MemoryModel, RequestShape, fit_latents, free_bytes, usable_bytes
 from .models import StableDiffusion, load_model
 from .region import EditRegion
 from .schedules import NoiseSchedule, negative_prompt_weights
@@ -51,7 +53,8 @@ T = TypeVar("T")
 
 PHASES = ("load", "inversion", "extraction", "generation", "mask", "translation", "decode")
 GENERATION_GUIDANCE_SCALE = 5.0
-# Latent pixels per UNet call: 16 latents at 512x512 (64x64 latents), fewer at larger sizes.
+# Latent pixels per UNet or VAE call at most: 16 latents at 512x512 (64x64 latents), fewer at larger sizes;
+# larger calls gain no speed. Fewer where the free memory holds fewer (docs/cost-model.md §8).
 DEFAULT_BATCH_LATENT_PIXELS = 16 * 64 * 64
 CACHE_FRACTION_OF_MEMORY = 0.2
 
@@ -68,13 +71,18 @@ class RunStats:
 
     After a float32 retry they are both runs' together, and after out-of-memory retries every attempt's:
     what the request cost. With auto_mask,
-    `mask_coverage` is each prompt's fraction of latent positions its mask edits."""
+    `mask_coverage` is each prompt's fraction of latent positions its mask edits. `modelled_bytes` is what
+    the memory model (docs/cost-model.md §8) gives the request beside the weights and the cache, at the
+    latents per UNet and VAE call it ran with at the end."""
 
     phases: dict[str, PhaseStats] = field(default_factory=lambda: {name: PhaseStats() for name in PHASES})
     cache_hit: bool = False
     float32_retry: bool = False
     memory_retries: int = 0
     mask_coverage: list[float] = field(default_factory=list)
+    unet_latents_per_call: int = 0
+    vae_latents_per_call: int = 0
+    modelled_bytes: int = 0
 
     @property
     def seconds(self) -> float:
@@ -95,6 +103,10 @@ class RunStats:
             )
             if applies
         ]
+        lines.append(
+            f"{'memory':<12} {self.modelled_bytes / 2**20:8.0f} MiB by the memory model, beside the weights and "
+            f"the cache; {self.unet_latents_per_call} latents per UNet call, {self.vae_latents_per_call} per VAE call"
+        )
         lines.append(
             f"{'total':<12} {self.seconds:8.2f} s {self.unet_evals:6d} UNet evals"
             + (f" ({', '.join(notes)})" if notes else "")
@@ -133,11 +145,14 @@ class SeededNoise:
 
 @dataclass
 class CallBudget:
-    """How many latents one UNet or VAE call of a request may carry: `batch_latent_pixels` over a latent's
-    positions at the working size, halved after each out-of-memory error (docs/cost-model.md §7)."""
+    """How many latents one UNet call and one VAE decoder call of a request may carry: what fits the free
+    memory by the memory model, at most `batch_latent_pixels` over a latent's positions (docs/cost-model.md
+    §8), halved after each out-of-memory error (§7). `retried_one_latent` names the calls ("unet", "vae")
+    whose one-latent call has had its second try."""
 
-    latents_per_call: int
-    retried_one_latent: bool = False
+    unet_latents: int
+    vae_latents: int
+    retried_one_latent: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -169,9 +184,11 @@ class PnPResult:
     masks: list[Image.Image] = field(default_factory=list)
 
 
-def default_batch_latent_pixels() -> int:
-    """`PNP_BATCH_LATENT_PIXELS`, else DEFAULT_BATCH_LATENT_PIXELS: latent positions per UNet or VAE call."""
-    value = os.environ.get("PNP_BATCH_LATENT_PIXELS", str(DEFAULT_BATCH_LATENT_PIXELS))
+def batch_latent_pixels_setting() -> int | None:
+    """`PNP_BATCH_LATENT_PIXELS`, latent positions per UNet or VAE call whatever the free memory; None unset."""
+    value = os.environ.get("PNP_BATCH_LATENT_PIXELS")
+    if value is None:
+        return None
     if not value.isdigit() or int(value) == 0:
         raise ModelError(f"PNP_BATCH_LATENT_PIXELS: must be a positive whole number of latent positions, not {value!r}")
     return int(value)
@@ -192,7 +209,12 @@ def default_cache_bytes(device: torch.device) -> int:
 
 
 class PnPEngine:
-    """Plug-and-Play image translation on one loaded Stable Diffusion model."""
+    """Plug-and-Play image translation on one loaded Stable Diffusion model.
+
+    `batch_latent_pixels` (else `PNP_BATCH_LATENT_PIXELS`) fixes the latent positions of a UNet or VAE call;
+    unset, each request's calls carry what fits the device's free memory by the memory model, up to
+    DEFAULT_BATCH_LATENT_PIXELS (docs/cost-model.md §8).
+    """
 
     def __init__(
         self,
@@ -203,7 +225,8 @@ class PnPEngine:
         self.model = model
         self.schedule = NoiseSchedule.from_config(model.scheduler_config)
         self.cache = SourceCache(default_cache_bytes(model.device) if cache_bytes is None else cache_bytes)
-        self.batch_latent_pixels = default_batch_latent_pixels() if batch_latent_pixels is None else batch_latent_pixels
+        self.batch_latent_pixels = batch_latent_pixels or batch_latent_pixels_setting()
+        self.memory = MemoryModel.of(model)
 
     @classmethod
     def from_pretrained(
@@ -254,14 +277,16 @@ class PnPEngine:
         stats = RunStats()
         request = self.check_inputs(config, image, mask, stats)
         try:
-            return self._run(request, stats)
+            result = self._run(request, stats)
         except NonFiniteError as error:
             if self.model.dtype == torch.float32:
                 raise
             logger.warning("%s in %s; running the request again in float32", error, self.model.dtype)
             stats.float32_retry = True
             with self.model.in_float32():
-                return self._run(request, stats)
+                result = self._run(request, stats)
+        self._leave_room_for(request)
+        return result
 
     def _run(self, request: CheckedRequest, stats: RunStats) -> PnPResult:
         """One run of a checked request (the float32 retry is a second one); § are docs/algorithm.md's."""
@@ -279,9 +304,12 @@ class PnPEngine:
         # 5. Images: a generated source first, then one per prompt (§7); with a mask, the source's pixels
         #    outside it.
         with self._phase(stats, "decode"):
-            images = self._fitting_memory(request, stats, lambda: self.decode(request, source, latents, region))
+            images = self._fitting_memory(
+                request, stats, lambda: self.decode(request, source, latents, region), call="vae"
+            )
         seed = source.seed if isinstance(source, GeneratedSource) else None
         masks = masks_to_images(region.pixel_mask) if request.config.auto_mask else []
+        self._record_memory(request, stats)
         return PnPResult(images=images, seed=seed, stats=stats, masks=masks)
 
     def check_inputs(
@@ -303,7 +331,8 @@ class PnPEngine:
                 )
             seed = config.seed if config.seed is not None else secrets.randbits(32)
             size = (config.image_size, config.image_size)
-            return CheckedRequest(config, timesteps, SeededNoise(seed), CallBudget(self._latents_per_call(size)))
+            budget = self._call_budget(self._shape(config, size, generated=True, new_source=True))
+            return CheckedRequest(config, timesteps, SeededNoise(seed), budget)
         if image is None:
             raise InputError("input_image", "give an image to edit, or a generation_prompt to generate one")
         spec = INPUTS["ddim_inversion_steps"]
@@ -312,8 +341,10 @@ class PnPEngine:
         with self._phase(stats, "load"):
             prepared = prepare_image(load_image(image), config.image_size)
             pixel_mask = None if mask is None else load_mask(mask, prepared.size)
-        budget = CallBudget(self._latents_per_call(prepared.size))
-        return CheckedRequest(config, timesteps, InputImage(prepared, pixel_mask), budget)
+        source = InputImage(prepared, pixel_mask)
+        cached = self._cache_key(source, config) in self.cache
+        budget = self._call_budget(self._shape(config, prepared.size, generated=False, new_source=not cached))
+        return CheckedRequest(config, timesteps, source, budget)
 
     def encode_prompts(self, config: PnPConfig) -> PromptEmbeddings:
         """The request's text embeddings, from one text-encoder call."""
@@ -393,7 +424,7 @@ class PnPEngine:
                     [latents[t] for t in captured],
                     captured,
                     embeddings.unconditional,
-                    request.budget.latents_per_call,
+                    request.budget.unet_latents,
                     steps,
                 ),
             )
@@ -421,7 +452,7 @@ class PnPEngine:
         else:
             seed = 0 if request.config.seed is None else request.config.seed
         texts = torch.cat([embeddings.source, embeddings.targets])
-        unet, batch_size = self.model.injection_unet, request.budget.latents_per_call
+        unet, batch_size = self.model.injection_unet, request.budget.unet_latents
         differences = noise_differences(unet, self.schedule, source.clean_latent, texts, seed, batch_size)
         masks = threshold(differences, self.model.vae_scale_factor)
         prompts = request.config.translation_prompts
@@ -460,56 +491,138 @@ class PnPEngine:
         first = 1 if isinstance(source, GeneratedSource) else 0
         if first:
             latents = torch.cat([source.clean_latent, latents])
-        pixels = decoded_to_pixels(self.model.decode_latents(latents, request.budget.latents_per_call))
+        pixels = decoded_to_pixels(self.model.decode_latents(latents, request.budget.vae_latents))
         if region is not None:
             kept = source.pixels if isinstance(source, RealSource) else torch.round(255 * pixels[:1]) / 255
             pixels = torch.cat([pixels[:first], region.blend_pixels(pixels[first:], kept)])
         return pixels_to_images(pixels)
 
-    def _fitting_memory(self, request: CheckedRequest, stats: RunStats, run: Callable[[], T]) -> T:
+    def _fitting_memory(self, request: CheckedRequest, stats: RunStats, run: Callable[[], T], call: str = "unet") -> T:
         """`run()`, and after each CUDA out-of-memory error `run()` again, with the memory the request does not
-        need freed and half as many latents per call, down to one (docs/cost-model.md §7): the phase
-        starts again, the ones before it stand."""
+        need freed and half as many latents per `call` ("unet" or "vae"), down to one (docs/cost-model.md §7):
+        the phase starts again, the ones before it stand."""
         while True:
             try:
                 return run()
             except torch.OutOfMemoryError as error:
-                self._free_memory(request, stats, error)
+                self._free_memory(request, stats, error, call)
 
-    def _free_memory(self, request: CheckedRequest, stats: RunStats, error: torch.OutOfMemoryError) -> None:
+    def _free_memory(self, request: CheckedRequest, stats: RunStats, error: torch.OutOfMemoryError, call: str) -> None:
         """Drop the cache entries the request does not use and CUDA's cached blocks, then halve the latents
         per call (a call of one latent is tried once more), counted in the stats; where one latent per call
-        did not fit even so, an `InputError` naming the working size and the prompts."""
-        keep = self._cache_key(request.source, request.config) if isinstance(request.source, InputImage) else None
-        self.cache.retain(set() if keep is None else {keep, replace(keep, dtype=str(torch.float32))})
+        did not fit even so, an `InputError` naming the working size and the prompts, and what would fit."""
+        self.cache.retain(self._used_keys(request))
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
         budget = request.budget
-        # The call that failed carried at most this many latents: halving it is what can help.
-        failed = min(budget.latents_per_call, self.model.injection_unet.last_call_latents or budget.latents_per_call)
-        if failed <= 1 and budget.retried_one_latent:
-            width, height = request.size
-            prompts = len(request.config.translation_prompts)
-            raise InputError(
-                "image_size",
-                f"a {width}x{height} working size with {prompts} translation_prompts does not fit in the free "
-                f"memory of {self.model.device}, even one latent per UNet call; use a smaller image_size",
-            ) from error
-        # One latent per call gets one more try, with the memory given back.
-        budget.retried_one_latent = failed <= 1
-        budget.latents_per_call = max(1, failed // 2)
+        if call == "vae":
+            failed = budget.vae_latents
+        else:  # the UNet call that failed carried at most this many latents: halving it is what can help
+            failed = min(budget.unet_latents, self.model.injection_unet.last_call_latents or budget.unet_latents)
+        if failed <= 1 and call in budget.retried_one_latent:
+            raise InputError("image_size", self._does_not_fit(request)) from error
+        if failed <= 1:  # one latent per call gets one more try, with the memory given back
+            budget.retried_one_latent.add(call)
+        latents = max(1, failed // 2)
+        if call == "vae":
+            budget.vae_latents = latents
+        else:
+            budget.unet_latents = latents
         stats.memory_retries += 1
-        logger.warning("out of memory (%s); again with %d latents per call", error, budget.latents_per_call)
+        logger.warning("out of memory (%s); again with %d latents per %s call", error, latents, call.upper())
+
+    def _does_not_fit(self, request: CheckedRequest) -> str:
+        """Why a request that ran out of memory at one latent per call failed, and by the memory model what
+        would fit in what the device has free now."""
+        width, height = request.size
+        prompts = len(request.config.translation_prompts)
+        message = (
+            f"a {width}x{height} working size with {prompts} translation_prompts does not fit in the free memory "
+            f"of {self.model.device}, even one latent per UNet call"
+        )
+        free = free_bytes(self.model.device)
+        if free is None:
+            return message + "; use a smaller image_size"
+        shape = self._shape(request.config, request.size, isinstance(request.source, SeededNoise), new_source=True)
+        needed = self.memory.request_bytes(shape, 1, 1)
+        spec = INPUTS["image_size"]
+        fitting = [
+            image_size
+            for image_size in range(spec.minimum, max(width, height), spec.multiple_of)
+            if self.memory.request_bytes(replace(shape, size=working_size(width, height, image_size)), 1, 1) <= free
+        ]
+        advice = f"image_size {fitting[-1]} or less would" if fitting else "no image_size would"
+        return (
+            f"{message}: by the memory model (docs/cost-model.md §8) it needs {needed / 2**30:.1f} GiB beside the "
+            f"weights and the device has {free / 2**30:.1f} GiB free; {advice} fit"
+        )
+
+    def _used_keys(self, request: CheckedRequest) -> set[SourceKey]:
+        """The cache keys a request may read: its image's, and that of the image's float32 entry."""
+        if not isinstance(request.source, InputImage):
+            return set()
+        key = self._cache_key(request.source, request.config)
+        return {key, replace(key, dtype=str(torch.float32))}
 
     def _denoiser(self, request: CheckedRequest, guidance: Guidance, injection: Injection | None = None) -> Denoiser:
-        unet, batch_size = self.model.injection_unet, request.budget.latents_per_call
+        unet, batch_size = self.model.injection_unet, request.budget.unet_latents
         return Denoiser(unet, self.schedule, request.timesteps, guidance, batch_size, injection)
 
-    def _latents_per_call(self, size: tuple[int, int]) -> int:
-        """Latents per UNet or VAE call at a working size (W, H): `batch_latent_pixels` over a latent's positions."""
-        width, height = size
+    def _shape(self, config: PnPConfig, size: tuple[int, int], generated: bool, new_source: bool) -> RequestShape:
+        """What of a request at working size `size` decides its memory (docs/cost-model.md §8)."""
+        prompts = len(config.translation_prompts)
+        branches = prompts * (3 if config.negative_prompt.strip() else 2)
+        calls = [branches, 2 if generated else 0, config.injection_steps.capture_steps if new_source else 0]
+        if config.auto_mask:
+            calls.append(MASK_NOISES * (1 + prompts))
+        return RequestShape(
+            size=size,
+            sampling_steps=config.num_inference_steps,
+            steps=config.injection_steps,
+            branches=branches,
+            unet_call_latents=max(calls),
+            images=prompts + generated,
+            generated=generated,
+            new_source=new_source,
+        )
+
+    def _call_budget(self, shape: RequestShape) -> CallBudget:
+        """Latents per UNet and VAE call: `batch_latent_pixels` over a latent's positions where it is set; else
+        what the device's free memory, less the margin and what the request holds, fits by the memory model,
+        at most DEFAULT_BATCH_LATENT_PIXELS' worth."""
+        width, height = shape.size
         factor = self.model.vae_scale_factor
-        return max(1, self.batch_latent_pixels // ((width // factor) * (height // factor)))
+        positions = (width // factor) * (height // factor)
+        most = max(1, (self.batch_latent_pixels or DEFAULT_BATCH_LATENT_PIXELS) // positions)
+        free = None if self.batch_latent_pixels else free_bytes(self.model.device)
+        if free is None:
+            return CallBudget(most, most)
+        room = usable_bytes(free) - self.memory.held_bytes(shape)
+        return CallBudget(
+            unet_latents=fit_latents(room, self.memory.unet_latent_bytes(shape.size, shape.halves), most),
+            vae_latents=fit_latents(room, self.memory.vae_call_bytes(shape.size, 1), most),
+        )
+
+    def _record_memory(self, request: CheckedRequest, stats: RunStats) -> None:
+        """The latents per call the request ended with, and what the memory model gives it at them."""
+        budget = request.budget
+        generated = isinstance(request.source, SeededNoise)
+        shape = self._shape(request.config, request.size, generated, new_source=not stats.cache_hit)
+        stats.unet_latents_per_call = min(budget.unet_latents, shape.unet_call_latents)
+        stats.vae_latents_per_call = min(budget.vae_latents, shape.images)
+        stats.modelled_bytes = self.memory.request_bytes(shape, budget.unet_latents, budget.vae_latents)
+
+    def _leave_room_for(self, request: CheckedRequest) -> None:
+        """Drop least recently used cache entries while the free memory is less than a request like this one, on
+        a new image, needs at one latent per call: the cache never takes what the next request must have."""
+        shape = self._shape(request.config, request.size, isinstance(request.source, SeededNoise), new_source=True)
+        needed = self.memory.request_bytes(shape, 1, 1)
+
+        def short_of_memory() -> bool:
+            free = free_bytes(self.model.device)
+            return free is not None and usable_bytes(free) < needed
+
+        self.cache.evict_while(short_of_memory)
 
     @contextmanager
     def _phase(self, stats: RunStats, name: str) -> Iterator[None]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pnp import InputError, ModelError, PnPEngine
-from pnp.engine import DEFAULT_BATCH_LATENT_PIXELS, default_batch_latent_pixels
+from pnp.engine import batch_latent_pixels_setting
 from tests.helpers import HORSE, config, entries_for, pixels
 
 
@@ -89,7 +89,7 @@ def test_when_even_one_latent_does_not_fit_the_error_is_clear_and_the_next_reque
 
 def test_the_latents_per_call_come_from_pnp_batch_latent_pixels(monkeypatch, tiny_model_dir):
     monkeypatch.delenv("PNP_BATCH_LATENT_PIXELS", raising=False)
-    assert default_batch_latent_pixels() == DEFAULT_BATCH_LATENT_PIXELS
+    assert batch_latent_pixels_setting() is None  # unset: chosen from the free memory
     monkeypatch.setenv("PNP_BATCH_LATENT_PIXELS", "256")  # one 16x16 latent (128 px) per call
     engine = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")
     assert engine.batch_latent_pixels == 256
@@ -100,4 +100,4 @@ def test_the_latents_per_call_come_from_pnp_batch_latent_pixels(monkeypatch, tin
     for bad in ("0", "-5", "lots"):
         monkeypatch.setenv("PNP_BATCH_LATENT_PIXELS", bad)
         with pytest.raises(ModelError, match="PNP_BATCH_LATENT_PIXELS: must be a positive whole number"):
-            default_batch_latent_pixels()
+            batch_latent_pixels_setting()
