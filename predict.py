@@ -176,6 +176,14 @@ class Predictor(BaseRunner):
         self.record_metric("cache_hit", result.stats.cache_hit)
         self.record_metric("float32_retry", result.stats.float32_retry)
         self.record_metric("memory_retries", result.stats.memory_retries)
+        self.record_metric(
+            "memory",
+            {
+                "modelled_mib": round(result.stats.modelled_bytes / 2**20, 1),
+                "unet_latents_per_call": result.stats.unet_latents_per_call,
+                "vae_latents_per_call": result.stats.vae_latents_per_call,
+            },
+        )
         if result.stats.mask_coverage:
             self.record_metric("mask_coverage", result.stats.mask_coverage)
         for name, phase in result.stats.phases.items():

@@ -544,17 +544,18 @@ class PnPEngine:
         if free is None:
             return message + "; use a smaller image_size"
         shape = self._shape(request.config, request.size, isinstance(request.source, SeededNoise), new_source=True)
-        needed = self.memory.request_bytes(shape, 1, 1)
+        needed, usable = self.memory.request_bytes(shape, 1, 1), usable_bytes(free)
         spec = INPUTS["image_size"]
         fitting = [
             image_size
             for image_size in range(spec.minimum, max(width, height), spec.multiple_of)
-            if self.memory.request_bytes(replace(shape, size=working_size(width, height, image_size)), 1, 1) <= free
+            if self.memory.request_bytes(replace(shape, size=working_size(width, height, image_size)), 1, 1) <= usable
         ]
         advice = f"image_size {fitting[-1]} or less would" if fitting else "no image_size would"
         return (
             f"{message}: by the memory model (docs/cost-model.md §8) it needs {needed / 2**30:.1f} GiB beside the "
-            f"weights and the device has {free / 2**30:.1f} GiB free; {advice} fit"
+            f"weights, and the device has {free / 2**30:.1f} GiB free, {usable / 2**30:.1f} GiB after the margin; "
+            f"{advice} fit"
         )
 
     def _used_keys(self, request: CheckedRequest) -> set[SourceKey]:

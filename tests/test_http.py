@@ -252,6 +252,9 @@ def test_real_image_prediction(server: Server, horse_uri: str) -> None:
     metrics = body["metrics"]
     assert metrics["unet_evals"] == 10 + 8 + 20 and metrics["cache_hit"] is False and metrics["float32_retry"] is False
     assert metrics["memory_retries"] == 0
+    # By the memory model: the extraction's 8 steps in one UNet call, the one image in one VAE call.
+    assert metrics["memory"]["unet_latents_per_call"] == 8 and metrics["memory"]["vae_latents_per_call"] == 1
+    assert metrics["memory"]["modelled_mib"] > 0
     assert {name: phase["unet_evals"] for name, phase in metrics["phases"].items()} == {
         "load": 0,
         "inversion": 10,

@@ -1,0 +1,196 @@
+"""The memory model (docs/cost-model.md §8, pnp/memory.py): its figures against what the engine and the CPU
+measure, the latents per call it chooses from a free-memory figure, and a cache that leaves room for the
+next request."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from pnp import InputError, PnPEngine
+from pnp.injection import InjectionSteps
+from pnp.memory import MemoryModel, RequestShape, fit_latents, usable_bytes
+from pnp.testing import _SD15_UNET
+from tests.helpers import HORSE, ROOT, config, entries_for, pixels
+
+SD15_VAE = {"block_out_channels": (128, 256, 512, 512)}
+SD15_VAE_CONFIG = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    **SD15_VAE,
+)
+SD15_TEXT = CLIPTextConfig(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+)
+GiB = 2**30
+
+
+@pytest.fixture
+def free_memory(monkeypatch):
+    """Set what the engine reads as the device's free memory: a figure, or a function of nothing."""
+
+    def install(free) -> None:
+        monkeypatch.setattr("pnp.engine.free_bytes", lambda device: free() if callable(free) else free)
+
+    return install
+
+
+def test_the_features_are_what_the_model_counts(engine: PnPEngine):
+    request = config(inversion_prompt="counted", attention_injection_threshold=0.7)
+    engine(request, HORSE)
+    ((_, entry),) = entries_for(engine, "counted")
+    width, height = entry.features.features["up_blocks.1.resnets.1.conv2"].shape[-1:-3:-1]
+    size = (width * 4 * engine.model.vae_scale_factor, height * 4 * engine.model.vae_scale_factor)
+    assert entry.features.nbytes == engine.memory.feature_bytes(size, request.injection_steps)
+
+
+def test_sd15_figures_are_those_of_the_docs():
+    """docs/cost-model.md §8 prints the model's figures for SD 1.5 in float16; they are the code's."""
+    sd15 = MemoryModel.from_configs(_SD15_UNET, SD15_VAE, torch.float16, weight_bytes=0)
+    docs = (ROOT / "docs" / "cost-model.md").read_text()
+    defaults = InjectionSteps(40, 25)
+    for size in (512, 1024):
+        square = (size, size)
+        for figure in (
+            sd15.unet_call_bytes(square, 1),
+            sd15.unet_latent_bytes(square),
+            sd15.vae_call_bytes(square, 1),
+            sd15.feature_bytes(square, defaults),
+            sd15.feature_bytes(square, defaults, halves=2),
+        ):
+            assert f"{figure:,}" in docs, f"{figure:,} B ({size} px) is not in docs/cost-model.md"
+    # The feature bytes of §5, derived there site by site.
+    assert sd15.feature_bytes((512, 512), defaults) == 681_574_400
+
+
+def test_sd15_request_peaks_are_those_of_the_docs():
+    """The weights of SD 1.5's modules (built without memory, on the meta device) and the peaks of §8's table."""
+    with torch.device("meta"):
+        modules = [UNet2DConditionModel(**_SD15_UNET), AutoencoderKL(**SD15_VAE_CONFIG), CLIPTextModel(SD15_TEXT)]
+    weights = sum(t.numel() * 2 for module in modules for t in [*module.parameters(), *module.buffers()])
+    docs = (ROOT / "docs" / "cost-model.md").read_text()
+    assert f"{weights:,} B" in docs
+    sd15 = MemoryModel.from_configs(_SD15_UNET, SD15_VAE, torch.float16, weight_bytes=weights)
+    defaults = InjectionSteps(40, 25)
+    for size, most in ((512, 16), (1024, 4)):
+        for prompts in (1, 8):
+            shape = RequestShape((size, size), 50, defaults, 2 * prompts, max(2 * prompts, 40), prompts, False, True)
+            row = f"| {size} px, {prompts} prompt{'s' if prompts > 1 else ''} | {most}, {min(most, prompts)} |"
+            peaks = [sd15.peak_bytes(shape, most, most), sd15.peak_bytes(shape, 1, 1)]
+            assert f"{row} {peaks[0] / GiB:.2f} GiB | {peaks[1] / GiB:.2f} GiB |" in docs
+
+
+@pytest.mark.parametrize("size", [512, 1024])
+def test_the_model_against_what_the_cpu_measures(tiny_model_dir: Path, engine: PnPEngine, size: int):
+    """One UNet call and one VAE decoder call of one latent, each size in a fresh process: the tensors alive
+    at once are the model's figure within 10%; the decoder's rise of peak resident size (its tensors are
+    large enough to come from the kernel directly) is at least the model's and at most twice it, the rest
+    being oneDNN's convolution buffers and the allocator's slack, which the margin of §8 covers."""
+    measured = subprocess.run(
+        [sys.executable, "-m", "tests.measure_memory", str(tiny_model_dir), str(size)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    calls = {row["call"]: row for row in map(json.loads, measured.splitlines())}
+    modelled = {
+        "unet": engine.memory.unet_call_bytes((size, size), 1),
+        "vae": engine.memory.vae_call_bytes((size, size), 1),
+    }
+    for call, figure in modelled.items():
+        assert calls[call]["tensor_peak_bytes"] == pytest.approx(figure, rel=0.10), call
+    assert figure <= calls["vae"]["rss_rise_bytes"] <= 2 * figure
+
+
+def test_the_latents_per_call_fit_the_room():
+    assert fit_latents(room_bytes=10 * 100 + 99, bytes_per_latent=100, most=16) == 10
+    assert fit_latents(room_bytes=10**9, bytes_per_latent=100, most=16) == 16  # no more than gains speed
+    assert fit_latents(room_bytes=50, bytes_per_latent=100, most=16) == 1  # one latent is the least
+    assert fit_latents(room_bytes=-(10**9), bytes_per_latent=100, most=16) == 1
+    assert usable_bytes(4 * GiB) == 3 * GiB and usable_bytes(40 * GiB) == 36 * GiB  # 1 GiB, or a tenth
+
+
+def test_sd15_on_a_small_gpu_decodes_fewer_images_per_call():
+    """By the model, SD 1.5 in float16 at 1024 px with 8 prompts: UNet calls of 4 latents (the most at
+    1024 px) fit in 8 GiB free, but VAE calls of 1.6 GB an image do not: two images a call."""
+    sd15 = MemoryModel.from_configs(_SD15_UNET, SD15_VAE, torch.float16, weight_bytes=0)
+    square = (1024, 1024)
+    held = sd15.feature_bytes(square, InjectionSteps(40, 25))
+    room = usable_bytes(8 * GiB) - held
+    assert fit_latents(room, sd15.unet_latent_bytes(square), most=4) == 4
+    assert fit_latents(room, sd15.vae_call_bytes(square, 1), most=4) == 2
+
+
+def test_the_engine_chooses_the_latents_per_call_from_the_free_memory(engine: PnPEngine, free_memory):
+    request = config(translation_prompts="a cat; a dog; a zebra", inversion_prompt="budget")
+    unconstrained = engine(request, HORSE)
+    engine.cache.clear()
+    calls = []
+    hook = engine.model.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        # Room for three latents a UNet call (beside what the request holds, after the margin) and one image
+        # a VAE call.
+        shape = engine._shape(request, (128, 128), generated=False, new_source=True)
+        room = engine.memory.held_bytes(shape) + 3 * engine.memory.unet_latent_bytes((128, 128)) + 1
+        assert room < engine.memory.vae_call_bytes((128, 128), 2)
+        free_memory(room + 2**30)
+        result = engine(request, HORSE)
+    finally:
+        hook.remove()
+    assert max(calls) == 3 and (result.stats.unet_latents_per_call, result.stats.vae_latents_per_call) == (3, 1)
+    for constrained, free in zip(result.images, unconstrained.images, strict=True):
+        assert np.abs(pixels(constrained) - pixels(free)).max() <= 1  # other batch sizes, same images
+    assert "3 latents per UNet call, 1 per VAE call" in result.stats.summary()
+
+
+def test_the_cache_leaves_the_next_request_room(engine: PnPEngine, free_memory):
+    """The free memory falls as the cache grows; an entry that would leave less than a same-size request
+    needs is dropped, least recently used first."""
+    engine.cache.clear()
+    shape = engine._shape(config(), (128, 128), generated=False, new_source=True)
+    needed = engine.memory.request_bytes(shape, 1, 1)
+    engine(config(inversion_prompt="first"), HORSE)
+    entry_bytes = engine.cache.nbytes
+    total = 2**30 + needed + entry_bytes + entry_bytes // 2  # one entry leaves room, two do not
+    free_memory(lambda: total - engine.cache.nbytes)
+    engine(config(inversion_prompt="second"), HORSE)
+    assert entries_for(engine, "first") == [] and len(entries_for(engine, "second")) == 1
+    engine(config(inversion_prompt="second", translation_prompts="a zebra"), HORSE)  # a hit stays
+    assert len(engine.cache) == 1
+    free_memory(lambda: 2**30 + needed - 1 - engine.cache.nbytes)  # not even the request's own entry
+    assert not engine(config(inversion_prompt="third"), HORSE).stats.cache_hit
+    assert len(engine.cache) == 0
+
+
+def test_the_error_says_what_would_fit(engine: PnPEngine, free_memory, monkeypatch):
+    """At one latent a call and still out of memory: the error gives the model's need, the free memory and
+    the largest image_size that the model fits in it, after the margin."""
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(engine.model.injection_unet, "unet_forward", out_of_memory)
+    request = config(generation_prompt="a horse", seed=1, image_size=256, translation_prompts="a cat")
+
+    def needed(size: int) -> int:
+        return engine.memory.request_bytes(engine._shape(request, (size, size), True, True), 1, 1)
+
+    free_memory(GiB + (needed(128) + needed(192)) // 2)  # 128 px fits after the margin, 192 does not
+    with pytest.raises(InputError, match=re.escape("image_size 128 or less would fit")) as raised:
+        engine(request, None)
+    assert f"it needs {needed(256) / GiB:.1f} GiB beside the weights" in str(raised.value)
+    free_memory(GiB)  # nothing fits
+    with pytest.raises(InputError, match="no image_size would fit"):
+        engine(request, None)
