@@ -43,13 +43,17 @@ def test_benchmark_counts_follow_the_cost_model(
         ("repeat (cached)", 4, True),
         ("generation", 1, False),
         ("auto-mask", 1, False),
+        ("new image", 8, False),
     ]
     # N = 10, M = 50: inversion 50, extraction max(int(8.0), int(5.0)) = 8, translation 2·10·P, masks 10 (1 + P).
-    assert [r["expected_evals"] for r in rows] == [50 + 8 + 20, 20, 50 + 8 + 80, 80, 20 + 20, 50 + 8 + 20 + 20]
+    expected = [50 + 8 + 20, 20, 50 + 8 + 80, 80, 20 + 20, 50 + 8 + 20 + 20, 50 + 8 + 160]
+    assert [r["expected_evals"] for r in rows] == expected
     for row in rows:
         assert row["unet_evals"] == row["expected_evals"], row
         assert row["published_over_ours"] == pytest.approx(row["published_evals"] / row["unet_evals"])
-        assert row["peak_memory_mib"] > 0
+        assert row["peak_memory_mib"] >= 0 and row["model_memory_mib"] > 0
+    # By the model, a new image's features and eight prompts' images weigh more than a repeat's one.
+    assert rows[6]["model_memory_mib"] > rows[0]["model_memory_mib"] > rows[1]["model_memory_mib"]
     for repeat in (rows[1], rows[3]):
         assert repeat["inversion_s"] == 0 and repeat["extraction_s"] == 0
 
