@@ -515,12 +515,14 @@ class PnPEngine:
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
         budget = request.budget
+        # The call that failed carried at most this many latents: halving it is what can help.
         if call == "vae":
-            failed = budget.vae_latents
-        else:  # the UNet call that failed carried at most this many latents: halving it is what can help
+            images = len(request.config.translation_prompts) + isinstance(request.source, SeededNoise)
+            failed = min(budget.vae_latents, images)
+        else:
             failed = min(budget.unet_latents, self.model.injection_unet.last_call_latents or budget.unet_latents)
         if failed <= 1 and call in budget.retried_one_latent:
-            raise InputError("image_size", self._does_not_fit(request)) from error
+            raise InputError("image_size", self._does_not_fit(request, call)) from error
         if failed <= 1:  # one latent per call gets one more try, with the memory given back
             budget.retried_one_latent.add(call)
         latents = max(1, failed // 2)
@@ -531,14 +533,15 @@ class PnPEngine:
         stats.memory_retries += 1
         logger.warning("out of memory (%s); again with %d latents per %s call", error, latents, call.upper())
 
-    def _does_not_fit(self, request: CheckedRequest) -> str:
-        """Why a request that ran out of memory at one latent per call failed, and by the memory model what
+    def _does_not_fit(self, request: CheckedRequest, call: str) -> str:
+        """Why a request that ran out of memory at one latent per `call` failed, and by the memory model what
         would fit in what the device has free now."""
         width, height = request.size
         prompts = len(request.config.translation_prompts)
+        per_call = "one latent per UNet call" if call == "unet" else "one image per VAE decoder call"
         message = (
             f"a {width}x{height} working size with {prompts} translation_prompts does not fit in the free memory "
-            f"of {self.model.device}, even one latent per UNet call"
+            f"of {self.model.device}, even {per_call}"
         )
         free = free_bytes(self.model.device)
         if free is None:

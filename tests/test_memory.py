@@ -101,3 +101,30 @@ def test_the_latents_per_call_come_from_pnp_batch_latent_pixels(monkeypatch, tin
         monkeypatch.setenv("PNP_BATCH_LATENT_PIXELS", bad)
         with pytest.raises(ModelError, match="PNP_BATCH_LATENT_PIXELS: must be a positive whole number"):
             batch_latent_pixels_setting()
+
+
+def test_a_vae_decoder_call_that_runs_out_of_memory_decodes_fewer_images(engine: PnPEngine, monkeypatch):
+    request = config(translation_prompts="a cat; a dog; a zebra", inversion_prompt="decoder")
+    unconstrained = engine(request, HORSE)
+    decode, refused = engine.model.vae_decode, []
+
+    def small_memory(latents: torch.Tensor):
+        if latents.shape[0] > 1:
+            refused.append(latents.shape[0])
+            raise torch.OutOfMemoryError(f"CUDA out of memory (a decoder call of {latents.shape[0]} latents)")
+        return decode(latents)
+
+    monkeypatch.setattr(engine.model, "vae_decode", small_memory)
+    result = engine(request, HORSE)
+    assert refused == [3]  # the failed call's 3 images halved: 1 a call
+    assert result.stats.memory_retries == 1 and result.stats.vae_latents_per_call == 1
+    assert result.stats.phases["translation"].unet_evals == 60  # the UNet phases ran once
+    for constrained, free in zip(result.images, unconstrained.images, strict=True):
+        assert np.abs(pixels(constrained) - pixels(free)).max() <= 1
+
+    def no_memory(latents: torch.Tensor):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(engine.model, "vae_decode", no_memory)
+    with pytest.raises(InputError, match="even one image per VAE decoder call"):
+        engine(request, HORSE)
