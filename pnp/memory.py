@@ -3,7 +3,7 @@ latents per UNet or VAE call that fit the memory a device has free.
 
 The model counts tensor bytes: the weights, the cache, what one request holds (its source features, its
 latents, its output pixels) and the activations of one UNet or VAE decoder call, which grow with the
-latents the call carries. Kernel workspaces and allocator slack are left to `MEMORY_MARGIN`.
+latents the call carries. Kernel workspaces and allocator slack are left to the margin (`usable_bytes`).
 """
 
 from __future__ import annotations
