@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from pnp import InputError, PnPEngine
+from pnp.image_io import working_size
 from pnp.injection import InjectionSteps
 from pnp.memory import MemoryModel, RequestShape, fit_latents, usable_bytes
 from pnp.testing import _SD15_UNET
@@ -49,8 +51,7 @@ def test_the_features_are_what_the_model_counts(engine: PnPEngine):
     request = config(inversion_prompt="counted", attention_injection_threshold=0.7)
     engine(request, HORSE)
     ((_, entry),) = entries_for(engine, "counted")
-    width, height = entry.features.features["up_blocks.1.resnets.1.conv2"].shape[-1:-3:-1]
-    size = (width * 4 * engine.model.vae_scale_factor, height * 4 * engine.model.vae_scale_factor)
+    size = working_size(*Image.open(HORSE).size, request.image_size)
     assert entry.features.nbytes == engine.memory.feature_bytes(size, request.injection_steps)
 
 
