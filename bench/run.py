@@ -145,7 +145,7 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
-def _resident_bytes(field: str) -> int:
+def resident_bytes(field: str) -> int:
     """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in bytes (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
@@ -160,13 +160,13 @@ def start_memory_peak(device: torch.device) -> int:
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
     Path("/proc/self/clear_refs").write_text("5")
-    return _resident_bytes("VmRSS")
+    return resident_bytes("VmRSS")
 
 
 def memory_peak_mib(device: torch.device, start: int) -> float:
     """How far the memory in use rose above `start` since `start_memory_peak` (MiB): CUDA's allocated bytes,
     or the process's resident size on the CPU."""
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _resident_bytes("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_bytes("VmHWM")
     return (peak - start) / 2**20
 
 

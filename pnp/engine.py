@@ -517,8 +517,7 @@ class PnPEngine:
         budget = request.budget
         # The call that failed carried at most this many latents: halving it is what can help.
         if call == "vae":
-            images = len(request.config.translation_prompts) + isinstance(request.source, SeededNoise)
-            failed = min(budget.vae_latents, images)
+            failed = min(budget.vae_latents, self._request_shape(request).images)
         else:
             failed = min(budget.unet_latents, self.model.injection_unet.last_call_latents or budget.unet_latents)
         if failed <= 1 and call in budget.retried_one_latent:
@@ -546,7 +545,7 @@ class PnPEngine:
         free = free_bytes(self.model.device)
         if free is None:
             return message + "; use a smaller image_size"
-        shape = self._shape(request.config, request.size, isinstance(request.source, SeededNoise), new_source=True)
+        shape = self._request_shape(request)
         needed, usable = self.memory.request_bytes(shape, 1, 1), usable_bytes(free)
         spec = INPUTS["image_size"]
         fitting = [
@@ -590,6 +589,10 @@ class PnPEngine:
             new_source=new_source,
         )
 
+    def _request_shape(self, request: CheckedRequest, new_source: bool = True) -> RequestShape:
+        """The memory shape of a checked request; by default as on a new image (nothing cached)."""
+        return self._shape(request.config, request.size, isinstance(request.source, SeededNoise), new_source)
+
     def _call_budget(self, shape: RequestShape) -> CallBudget:
         """Latents per UNet and VAE call: `batch_latent_pixels` over a latent's positions where it is set; else
         what the device's free memory, less the margin and what the request holds, fits by the memory model,
@@ -610,8 +613,7 @@ class PnPEngine:
     def _record_memory(self, request: CheckedRequest, stats: RunStats) -> None:
         """The latents per call the request ended with, and what the memory model gives it at them."""
         budget = request.budget
-        generated = isinstance(request.source, SeededNoise)
-        shape = self._shape(request.config, request.size, generated, new_source=not stats.cache_hit)
+        shape = self._request_shape(request, new_source=not stats.cache_hit)
         stats.unet_latents_per_call = min(budget.unet_latents, shape.unet_call_latents)
         stats.vae_latents_per_call = min(budget.vae_latents, shape.images)
         stats.modelled_bytes = self.memory.request_bytes(shape, budget.unet_latents, budget.vae_latents)
@@ -619,8 +621,7 @@ class PnPEngine:
     def _leave_room_for(self, request: CheckedRequest) -> None:
         """Drop least recently used cache entries while the free memory is less than a request like this one, on
         a new image, needs at one latent per call: the cache never takes what the next request must have."""
-        shape = self._shape(request.config, request.size, isinstance(request.source, SeededNoise), new_source=True)
-        needed = self.memory.request_bytes(shape, 1, 1)
+        needed = self.memory.request_bytes(self._request_shape(request), 1, 1)
 
         def short_of_memory() -> bool:
             free = free_bytes(self.model.device)

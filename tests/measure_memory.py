@@ -11,15 +11,14 @@ resident size also holds what earlier work left in the allocator.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import weakref
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from bench.run import resident_bytes, start_memory_peak
 from pnp.models import load_model
 
 
@@ -56,16 +55,9 @@ class LiveTensors(TorchDispatchMode):
             self.live -= self.sizes.pop(key)
 
 
-def resident_bytes(field: str) -> int:
-    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in bytes."""
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
-
-
 def measure(call, *args, **kwargs) -> dict[str, int]:
     """Run `call` twice: once for the resident size, then counting live tensors (the counting costs memory)."""
-    before = resident_bytes("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
+    before = start_memory_peak(torch.device("cpu"))  # VmHWM starts again from VmRSS
     call(*args, **kwargs)
     rise = resident_bytes("VmHWM") - before
     with LiveTensors() as live:
