@@ -597,9 +597,7 @@ class PnPEngine:
         """Latents per UNet and VAE call: `batch_latent_pixels` over a latent's positions where it is set; else
         what the device's free memory, less the margin and what the request holds, fits by the memory model,
         at most DEFAULT_BATCH_LATENT_PIXELS' worth."""
-        width, height = shape.size
-        factor = self.model.vae_scale_factor
-        positions = (width // factor) * (height // factor)
+        positions = self.memory.latent_positions(shape.size)
         most = max(1, (self.batch_latent_pixels or DEFAULT_BATCH_LATENT_PIXELS) // positions)
         free = None if self.batch_latent_pixels else free_bytes(self.model.device)
         if free is None:

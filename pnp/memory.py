@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .injection import ATTENTION_SITES, RESNET_SITE, InjectionSteps
-from .models import StableDiffusion
+from .models import StableDiffusion, vae_scale_factor
 
 # Left free for what the model does not count: cuDNN's and oneDNN's workspaces, the caching allocator's
 # rounding and fragmentation, CUDA's kernels loaded on first use.
@@ -70,7 +70,7 @@ class MemoryModel:
             weight_bytes=weight_bytes,
             value_bytes=torch.empty((), dtype=dtype).element_size(),
             latent_channels=unet_config["in_channels"],
-            vae_scale_factor=2 ** (len(vae_channels) - 1),
+            vae_scale_factor=vae_scale_factor(vae_config),
             unet_channels=tuple(unet_config["block_out_channels"]),
             unet_layers=unet_config["layers_per_block"],
             vae_channels=vae_channels,
@@ -87,7 +87,7 @@ class MemoryModel:
         )
         return cls.from_configs(model.unet.config, model.vae.config, model.dtype, weight_bytes)
 
-    def _positions(self, size: tuple[int, int]) -> int:
+    def latent_positions(self, size: tuple[int, int]) -> int:
         """Latent positions n = (W / f)(H / f) at a working size (W, H)."""
         width, height = size
         return (width // self.vae_scale_factor) * (height // self.vae_scale_factor)
@@ -102,7 +102,7 @@ class MemoryModel:
     def step_feature_bytes(self, size: tuple[int, int]) -> tuple[int, int]:
         """One sampling step's source features of one source at a working size: (the ResNet site's, the
         attention sites' q and k), in bytes (docs/cost-model.md §5)."""
-        positions = self._positions(size)
+        positions = self.latent_positions(size)
         channels, resnet_positions = self._up_block_site(RESNET_SITE, positions)
         attention = sum(math.prod(self._up_block_site(site, positions)) for site in ATTENTION_SITES)
         return channels * resnet_positions * self.value_bytes, 2 * attention * self.value_bytes
@@ -116,13 +116,13 @@ class MemoryModel:
 
     def latent_bytes(self, size: tuple[int, int], latents: int) -> int:
         """`latents` float32 latents (C, h, w), as the loops keep them."""
-        return latents * self.latent_channels * self._positions(size) * FLOAT32_BYTES
+        return latents * self.latent_channels * self.latent_positions(size) * FLOAT32_BYTES
 
     def unet_call_bytes(self, size: tuple[int, int], latents: int) -> int:
         """Activations of one UNet call of `latents` latents: the skip connections that the down blocks keep for
         the up blocks (conv_in, then each block's ResNet outputs and its downsampled output), and the widest
         moment, the feed-forward of a transformer block at the top level."""
-        positions = self._positions(size)
+        positions = self.latent_positions(size)
         levels = len(self.unet_channels)
         skips = self.unet_channels[0] * positions
         for level, channels in enumerate(self.unet_channels):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +58,8 @@ class StableDiffusion:
 
     @property
     def vae_scale_factor(self) -> int:
-        """Image pixels per latent position along each side: 2 per VAE block after the first (8 in SD)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Image pixels per latent position along each side (8 in SD)."""
+        return vae_scale_factor(self.vae.config)
 
     @property
     def latent_channels(self) -> int:
@@ -132,6 +132,12 @@ class StableDiffusion:
         """VAE decoding of latents, `batch_size` at a time; values are roughly in [-1, 1]."""
         scaled = latents / self.vae.config.scaling_factor
         return torch.cat([self.vae_decode(chunk.to(self.dtype)).sample for chunk in scaled.split(batch_size)])
+
+
+def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
+    """Image pixels per latent position along each side of a VAE of this configuration: 2 per block after the
+    first (8 in SD)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def select_device(device: str | None = None) -> torch.device:

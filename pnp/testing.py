@@ -41,6 +41,27 @@ _TINY_UNET = dict(
     norm_num_groups=8,
 )
 
+# SD 1.5's own VAE configuration; "tiny" shrinks only the widths and depth.
+_SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+_TINY_VAE = {
+    **_SD15_VAE,
+    "block_out_channels": (8, 8, 16, 16),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+
 
 def _byte_level_vocab() -> list[str]:
     """The 256 printable stand-ins that byte-level BPE uses for raw bytes (GPT-2's table)."""
@@ -126,18 +147,7 @@ def _unet_config(layout: str, size: str) -> dict:
 
 
 def _write_vae(path: Path, tiny: bool) -> None:
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16) if tiny else (128, 256, 512, 512),
-        layers_per_block=1 if tiny else 2,
-        latent_channels=4,
-        norm_num_groups=8 if tiny else 32,
-        sample_size=64 if tiny else 512,
-        scaling_factor=0.18215,
-    ).save_pretrained(path)
+    AutoencoderKL(**(_TINY_VAE if tiny else _SD15_VAE)).save_pretrained(path)
 
 
 def _write_text_encoder(path: Path, hidden_size: int, tiny: bool) -> None:

@@ -21,16 +21,9 @@ from pnp import InputError, PnPEngine
 from pnp.image_io import working_size
 from pnp.injection import InjectionSteps
 from pnp.memory import MemoryModel, RequestShape, fit_latents, usable_bytes
-from pnp.testing import _SD15_UNET
+from pnp.testing import _SD15_UNET, _SD15_VAE
 from tests.helpers import HORSE, ROOT, config, entries_for, pixels
 
-SD15_VAE = {"block_out_channels": (128, 256, 512, 512)}
-SD15_VAE_CONFIG = dict(
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    **SD15_VAE,
-)
 SD15_TEXT = CLIPTextConfig(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
 )
@@ -57,7 +50,7 @@ def test_the_features_are_what_the_model_counts(engine: PnPEngine):
 
 def test_sd15_figures_are_those_of_the_docs():
     """docs/cost-model.md §8 prints the model's figures for SD 1.5 in float16; they are the code's."""
-    sd15 = MemoryModel.from_configs(_SD15_UNET, SD15_VAE, torch.float16, weight_bytes=0)
+    sd15 = MemoryModel.from_configs(_SD15_UNET, _SD15_VAE, torch.float16, weight_bytes=0)
     docs = (ROOT / "docs" / "cost-model.md").read_text()
     defaults = InjectionSteps(40, 25)
     for size in (512, 1024):
@@ -77,11 +70,11 @@ def test_sd15_figures_are_those_of_the_docs():
 def test_sd15_request_peaks_are_those_of_the_docs():
     """The weights of SD 1.5's modules (built without memory, on the meta device) and the peaks of §8's table."""
     with torch.device("meta"):
-        modules = [UNet2DConditionModel(**_SD15_UNET), AutoencoderKL(**SD15_VAE_CONFIG), CLIPTextModel(SD15_TEXT)]
+        modules = [UNet2DConditionModel(**_SD15_UNET), AutoencoderKL(**_SD15_VAE), CLIPTextModel(SD15_TEXT)]
     weights = sum(t.numel() * 2 for module in modules for t in [*module.parameters(), *module.buffers()])
     docs = (ROOT / "docs" / "cost-model.md").read_text()
     assert f"{weights:,} B" in docs
-    sd15 = MemoryModel.from_configs(_SD15_UNET, SD15_VAE, torch.float16, weight_bytes=weights)
+    sd15 = MemoryModel.from_configs(_SD15_UNET, _SD15_VAE, torch.float16, weight_bytes=weights)
     defaults = InjectionSteps(40, 25)
     for size, most in ((512, 16), (1024, 4)):
         for prompts in (1, 8):
@@ -126,7 +119,7 @@ def test_the_latents_per_call_fit_the_room():
 def test_sd15_on_a_small_gpu_decodes_fewer_images_per_call():
     """By the model, SD 1.5 in float16 at 1024 px with 8 prompts: UNet calls of 4 latents (the most at
     1024 px) fit in 8 GiB free, but VAE calls of 1.6 GB an image do not: two images a call."""
-    sd15 = MemoryModel.from_configs(_SD15_UNET, SD15_VAE, torch.float16, weight_bytes=0)
+    sd15 = MemoryModel.from_configs(_SD15_UNET, _SD15_VAE, torch.float16, weight_bytes=0)
     square = (1024, 1024)
     held = sd15.feature_bytes(square, InjectionSteps(40, 25))
     room = usable_bytes(8 * GiB) - held
