@@ -4,17 +4,14 @@
 reading this file's source statically, so every `Input()` below holds plain literals, one string
 literal per description: the static reader silently drops bounds, and turns defaults into "required",
 when they are expressions such as `INPUTS["scale"].minimum`. The values are those of
-`pnp.config.INPUTS` and `pnp.config.OUTPUT_FORMAT`, where the engine's own validation reads them;
-tests/test_cog_schema.py checks that the two agree and that a static reader sees the same as Cog's
-runtime inspector.
+`pnp.config.PUBLIC_INPUTS`, where the engine's own validation reads them; tests/test_cog_schema.py
+checks that the two agree and that a static reader sees the same as Cog's runtime inspector.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
-import tempfile
 import time
 from typing import Optional
 
@@ -22,6 +19,7 @@ from cog import BaseRunner, Input, Path
 
 from pnp.config import PnPConfig, check_output_format
 from pnp.engine import PnPEngine
+from pnp.frontend import LatestOutputs
 from pnp.image_io import save_images
 
 logger = logging.getLogger("pnp.predict")
@@ -54,7 +52,7 @@ class Predictor(BaseRunner):
                 "compiled the UNet and VAE decoder for the default request in %.1f s; other shapes run eagerly",
                 time.perf_counter() - start,
             )
-        self._last_output_dir: str | None = None
+        self.outputs = LatestOutputs(prefix="pnp-out-")
 
     def run(
         self,
@@ -172,27 +170,6 @@ class Predictor(BaseRunner):
             print(f"seed: {result.seed}", flush=True)
         print(result.stats.summary(), flush=True)
         # The prediction's metrics in the API response, beside Cog's own predict_time.
-        self.record_metric("unet_evals", result.stats.unet_evals)
-        self.record_metric("cache_hit", result.stats.cache_hit)
-        self.record_metric("float32_retry", result.stats.float32_retry)
-        self.record_metric("memory_retries", result.stats.memory_retries)
-        self.record_metric(
-            "memory",
-            {
-                "modelled_mib": round(result.stats.modelled_bytes / 2**20, 1),
-                "unet_latents_per_call": result.stats.unet_latents_per_call,
-                "vae_latents_per_call": result.stats.vae_latents_per_call,
-            },
-        )
-        if result.stats.mask_coverage:
-            self.record_metric("mask_coverage", result.stats.mask_coverage)
-        for name, phase in result.stats.phases.items():
-            self.record_metric(f"phases.{name}", {"seconds": round(phase.seconds, 4), "unet_evals": phase.unet_evals})
-
-        # Cog has sent the previous prediction's files by the time the next one runs (one at a time),
-        # so only the latest directory is kept: a long-running server does not fill its disk.
-        if self._last_output_dir is not None:
-            shutil.rmtree(self._last_output_dir, ignore_errors=True)
-        out_dir = tempfile.mkdtemp(prefix="pnp-out-")
-        self._last_output_dir = out_dir
-        return [Path(path) for path in save_images(result.images, out_dir, output_format)]
+        for name, value in result.stats.metrics().items():
+            self.record_metric(name, value)
+        return [Path(path) for path in save_images(result.images, self.outputs.fresh(), output_format)]

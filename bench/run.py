@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 
 from pnp import PnPConfig, PnPEngine
 from pnp.automask import MASK_NOISES
-from pnp.engine import PHASES
+from pnp.stats import PHASES
 from pnp.testing import make_random_model
 
 REPO = Path(__file__).resolve().parent.parent

@@ -2,6 +2,15 @@
 
 from .config import PnPConfig, load_preset
 from .engine import PnPEngine, PnPResult
-from .errors import InputError, ModelError, NonFiniteError
+from .errors import InputError, ModelError, NonFiniteError, PnPError
 
-__all__ = ["InputError", "ModelError", "NonFiniteError", "PnPConfig", "PnPEngine", "PnPResult", "load_preset"]
+__all__ = [
+    "InputError",
+    "ModelError",
+    "NonFiniteError",
+    "PnPConfig",
+    "PnPEngine",
+    "PnPError",
+    "PnPResult",
+    "load_preset",
+]

@@ -1,12 +1,13 @@
 """The web page for one person's machine: `python -m pnp.app` serves a Gradio page over one loaded engine.
 
-Its controls are made from the one table of public inputs (`INPUTS`), so each has the input's name, its
-description as help text, its default and its bounds. `input_image` is an image editor whose brush paints
-the mask (painted edits, the rest keeps the image). "Run" fills the "output" gallery with the images
-`predict()` returns, in its order, the automatic masks beside them, and a line with the request's
-seconds, UNet evaluations and whether the inversion came from the cache. The engine's own progress
-reporting (`pnp.progress.reporting_to`) drives the progress bar; requests run one at a time, the others
-wait in Gradio's queue. Bad input shows the engine's message, which names the input.
+Its controls are made from the one table of public inputs (`PUBLIC_INPUTS`), so each has the input's name,
+its description as help text, its default and its bounds; the API (`/run`) names its parameters likewise.
+`input_image` is an image editor whose brush paints the mask (painted edits, the rest keeps the image).
+"Run" fills the "output" gallery with the images `Predictor.run` returns, in its order, the automatic masks
+beside them, and a line with the request's seconds, UNet evaluations and where its source came from
+(`RunStats.headline`). The engine's own progress reporting (`pnp.progress.reporting_to`) drives the progress
+bar; requests run one at a time, the others wait in Gradio's queue. Bad input shows the engine's message,
+which names the input.
 
 Serving many users is the Cog container's job: the page binds to 127.0.0.1 unless `--host` says otherwise.
 """
@@ -14,10 +15,7 @@ Serving many users is the Cog container's job: the page binds to 127.0.0.1 unles
 from __future__ import annotations
 
 import argparse
-import logging
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,10 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from .config import INPUTS, OUTPUT_FORMAT, InputSpec, PnPConfig
-from .engine import PnPEngine, PnPResult
-from .errors import InputError, ModelError, NonFiniteError
+from .config import PUBLIC_INPUTS, InputSpec, PnPConfig
+from .engine import PnPEngine
+from .errors import InputError, PnPError
+from .frontend import LatestOutputs, add_model_options, load_engine, log_to_stderr
 from .image_io import load_image, save_images
 from .progress import reporting_to
 
@@ -36,8 +35,6 @@ EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "horse.jpg
 EXAMPLE_PROMPT = "a photo of a robot horse"
 # What most requests leave as it is goes into the collapsed "advanced" group.
 MAIN_INPUTS = ("translation_prompts", "generation_prompt", "inversion_prompt", "negative_prompt", "auto_mask")
-# The page's controls besides input_image, in the schema's order: the engine's inputs, then output_format.
-CONTROL_SPECS: dict[str, InputSpec] = {**INPUTS, "output_format": OUTPUT_FORMAT}
 INPUT_IMAGE_HELP = (
     "input_image: the image to edit (ignored when generation_prompt is set). Paint with the brush where the "
     "prompts may edit: the painted region is the mask, the rest keeps the image exactly; nothing painted "
@@ -107,34 +104,23 @@ def parse_seed(text: str | None) -> int | str | None:
     return int(text) if text.isdigit() else text
 
 
-def status_line(result: PnPResult, masked: bool) -> str:
-    """The request's seconds, UNet evaluations, where its source came from, and its masks."""
-    stats = result.stats
-    if result.seed is not None:
-        source = f"generated source, seed {result.seed}"
-    else:
-        source = "inversion from the cache" if stats.cache_hit else "inversion computed"
-    parts = [f"{stats.seconds:.2f} s", f"{stats.unet_evals} UNet evaluations", source]
-    if masked:
-        parts.append("painted mask")
-    if stats.mask_coverage:
-        parts.append("auto_mask coverage " + ", ".join(f"{coverage:.1%}" for coverage in stats.mask_coverage))
-    return " · ".join(parts)
-
-
 class App:
-    """The page's request handler over one engine: the latest request's files only are kept on disk, in a
-    directory of the system's temp made at the first request."""
+    """The page's request handler over one engine; only the latest request's files are kept on disk."""
 
     def __init__(self, engine: PnPEngine):
         self.engine = engine
-        self.output_dir: Path | None = None
+        self.outputs = LatestOutputs(prefix="pnp-app-")
 
-    def run(self, editor: dict[str, Any] | None, *values: Any, progress: gr.Progress = gr.Progress()):  # noqa: B008
-        """One request: the editor's image and mask and the controls' values -> (output, masks, status)."""
-        inputs = dict(zip(CONTROL_SPECS, values, strict=True))
+    def run(
+        self,
+        input_image: dict[str, Any] | None = None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio fills it in, recognising the default)
+        **inputs: Any,
+    ) -> tuple[list[str], list[Image.Image], str]:
+        """One request: the editor's image and mask and the controls' values, by the public inputs' names
+        -> (output, masks, status)."""
         output_format = inputs.pop("output_format")
-        image, mask = editor_to_image_and_mask(editor)
+        image, mask = editor_to_image_and_mask(input_image)
         inputs["seed"] = parse_seed(inputs["seed"])
         try:
             config = PnPConfig.from_mapping(inputs)
@@ -142,14 +128,10 @@ class App:
                 image = mask = None  # as in the schema: a generation prompt ignores input_image
             with reporting_to(lambda phase, done, total: progress((done, total), desc=phase)):
                 result = self.engine(config, image, mask=mask)
-        except (InputError, ModelError, NonFiniteError) as error:
+        except PnPError as error:
             raise gr.Error(str(error)) from None
-        if self.output_dir is None:
-            self.output_dir = Path(tempfile.mkdtemp(prefix="pnp-app-"))
-        for previous in self.output_dir.iterdir():  # Gradio has copied the last request's into its cache
-            previous.unlink()
-        paths = [str(path) for path in save_images(result.images, self.output_dir, output_format)]
-        return paths, result.masks, status_line(result, masked=mask is not None)
+        paths = [str(path) for path in save_images(result.images, self.outputs.fresh(), output_format)]
+        return paths, result.masks, result.stats.headline()
 
 
 def build_page(engine: PnPEngine) -> gr.Blocks:
@@ -172,24 +154,28 @@ def build_page(engine: PnPEngine) -> gr.Blocks:
                     )
                 )
                 gr.Markdown(INPUT_IMAGE_HELP)
-                controls = {name: control(name, CONTROL_SPECS[name]) for name in MAIN_INPUTS}
+                controls = {name: control(name, PUBLIC_INPUTS[name]) for name in MAIN_INPUTS}
                 with gr.Accordion("advanced", open=False):
                     controls.update(
-                        {name: control(name, spec) for name, spec in CONTROL_SPECS.items() if name not in controls}
+                        {name: control(name, spec) for name, spec in PUBLIC_INPUTS.items() if name not in controls}
                     )
                 run = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column():
                 output = gr.Gallery(label="output", elem_id="output", format="png")
                 masks = gr.Gallery(label="auto_mask masks", elem_id="masks", format="png")
                 status = gr.Markdown(elem_id="status")
-        ordered = [controls[name] for name in CONTROL_SPECS]
         gr.Examples(
             examples=[[{"background": str(EXAMPLE_IMAGE), "layers": [], "composite": None}, EXAMPLE_PROMPT]],
             inputs=[editor, controls["translation_prompts"]],
             label="example",
         )
+        # By name: the API's parameters are the public inputs' (input_image, then the schema's order).
         run.click(
-            app.run, inputs=[editor, *ordered], outputs=[output, masks, status], api_name="run", concurrency_limit=1
+            app.run,
+            inputs_kwargs={"input_image": editor, **{name: controls[name] for name in PUBLIC_INPUTS}},
+            outputs=[output, masks, status],
+            api_name="run",
+            concurrency_limit=1,
         )
     page.app = app  # for main() to remove its files at exit
     return page
@@ -201,18 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
     )
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    parser.add_argument("--model", help="diffusers directory or hub id (default: PNP_MODEL, else weights/)")
-    parser.add_argument("--device", help="torch device (default: PNP_DEVICE, else cuda when present, else cpu)")
-    parser.add_argument("--dtype", help="float16, bfloat16 or float32 (default: PNP_DTYPE, else by device)")
+    add_model_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    log_to_stderr()
     try:
-        engine = PnPEngine.from_pretrained(args.model, args.device, args.dtype)
-    except ModelError as error:
+        engine = load_engine(args)
+    except PnPError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     page = build_page(engine)
@@ -220,8 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         page.launch(server_name=args.host, server_port=args.port, show_error=True)
     finally:
-        if page.app.output_dir is not None:
-            shutil.rmtree(page.app.output_dir, ignore_errors=True)
+        page.app.outputs.close()
     return 0
 
 

@@ -11,6 +11,8 @@ is a soft ramp over background that the latents kept, and every pixel farther aw
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,8 @@ from .errors import NonFiniteError
 from .injection import InjectionUNet
 from .progress import progress
 from .schedules import NoiseSchedule
+
+logger = logging.getLogger(__name__)
 
 MASK_NOISES = 10
 """K, the seeded noises the differences are averaged over (DiffEdit's num_maps_per_mask)."""
@@ -46,6 +50,15 @@ class AutoMasks:
         """The fraction of latent positions each prompt's mask edits."""
         return self.latent_masks.mean(dim=(1, 2, 3)).tolist()
 
+    def log_coverage(self, prompts: Sequence[str]) -> None:
+        """Log what each prompt's mask edits, and warn of a prompt whose mask edits nothing."""
+        for prompt, coverage, mean in zip(prompts, self.coverage, self.mean_differences, strict=True):
+            if mean == 0:
+                logger.warning(
+                    "auto_mask: %r predicts the same noise as the source's description; it edits nothing", prompt
+                )
+            logger.info("auto_mask: %r edits %.1f%% of the image", prompt, 100 * coverage)
+
 
 def mask_timestep(schedule: NoiseSchedule) -> int:
     """t_m: the timestep at index 25 of `set_timesteps(50)` (481 for SD 1.x and 2.x configs)."""
@@ -59,7 +72,7 @@ def noise_differences(
     clean_latent: torch.Tensor,
     texts: torch.Tensor,
     seed: int,
-    batch_size: int,
+    unet_batch: int,
 ) -> torch.Tensor:
     """D_p (P, h, w) float32: the mean over K noises and the channels of |ε_p − ε_S| at t_m, for the texts
     E(S), E(T_1), ..., E(T_P) (1 + P rows), from K · (1 + P) UNet evaluations of `clean_latent` z_0
@@ -74,11 +87,11 @@ def noise_differences(
     latents = noised.repeat(len(texts), 1, 1, 1)
     context = texts.repeat_interleave(MASK_NOISES, dim=0)
     on_device = torch.tensor([timestep], device=clean_latent.device)
-    calls = range(0, len(latents), batch_size)
+    calls = range(0, len(latents), unet_batch)
     outputs = []
     for call in progress(len(calls), "mask"):
         lo = calls[call]
-        outputs.append(unet(latents[lo : lo + batch_size].to(unet.dtype), on_device, context[lo : lo + batch_size]))
+        outputs.append(unet(latents[lo : lo + unet_batch].to(unet.dtype), on_device, context[lo : lo + unet_batch]))
     eps = schedule.epsilon(torch.cat(outputs), latents, alpha_bar).unflatten(0, (len(texts), MASK_NOISES))
     differences = (eps[1:] - eps[:1]).abs().mean(dim=(1, 2))
     if not torch.isfinite(differences).all():

@@ -1,15 +1,17 @@
 """The cache of inversions: per image and inversion settings, the source latents and features, LRU by bytes.
 
-`SourceCache.get_or_compute` is the whole policy (docs/cost-model.md §2): an entry left by a float32
-retry serves half-precision requests too; an entry with features for fewer steps than a request injects
-is widened, its latents reused; and an entry is stored only once complete and finite, so a request that
-fails or is cancelled half-way never leaves a partial one behind.
+`SourceCache.lookup` and `SourceCache.store` are the whole policy (docs/cost-model.md §2): an entry left by a
+float32 retry serves half-precision requests too; an entry with features for fewer steps than a request
+injects is widened (the engine extracts features for the longer of both lengths, its latents reused, so that
+requests that alternate between them find theirs next time); and an entry is stored only once complete and
+finite, so a request that fails or is cancelled half-way never leaves a partial one behind.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,10 +20,27 @@ import torch
 from PIL import Image
 
 from .config import PnPConfig
-from .errors import NonFiniteError
+from .errors import ModelError, NonFiniteError
 from .injection import InjectionSteps, SourceFeatures
+from .stats import CacheUse
 
 logger = logging.getLogger(__name__)
+
+CACHE_FRACTION_OF_MEMORY = 0.2
+
+
+def default_cache_bytes(device: torch.device) -> int:
+    """`PNP_CACHE_BYTES`, else a fifth of the device's memory (the GPU's, or the machine's on the CPU)."""
+    if "PNP_CACHE_BYTES" in os.environ:
+        value = os.environ["PNP_CACHE_BYTES"]
+        if not value.isdigit():
+            raise ModelError(f"PNP_CACHE_BYTES: must be a whole number of bytes, not {value!r}")
+        return int(value)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * CACHE_FRACTION_OF_MEMORY)
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,10 @@ class SourceKey:
             num_inference_steps=config.num_inference_steps,
             inversion_prompt=config.inversion_prompt,
         )
+
+    def in_dtype(self, dtype: torch.dtype) -> SourceKey:
+        """The same image and settings, inverted in `dtype` (a float32 retry's entry)."""
+        return replace(self, dtype=str(dtype))
 
 
 @dataclass(frozen=True)
@@ -122,26 +145,35 @@ class SourceCache:
         for key in [key for key in self._entries if key not in keys]:
             del self._entries[key]
 
-    def get_or_compute(
-        self,
-        key: SourceKey,
-        steps: InjectionSteps,
-        compute: Callable[[SourceEntry | None, InjectionSteps], SourceEntry],
-    ) -> tuple[SourceEntry, bool]:
-        """The entry of `key` whose features cover `steps`, and whether one was found (a cache hit).
-
-        Missing, `compute(None, steps)` makes it. One that holds features for fewer steps is widened by
-        `compute(entry, widened)`, which reuses the entry's latents and extracts features for the longer of
-        both lengths, so that requests that alternate between them find theirs next time. What `compute`
-        returns is stored, unless it holds a NaN or infinity (then `NonFiniteError`).
-        """
+    def lookup(self, key: SourceKey, injection_steps: InjectionSteps) -> CacheLookup:
+        """What the cache holds for `key` (or, failing that, its float32 entry) and a request injecting
+        `injection_steps`: a hit covers them, a widened entry holds the inversion and fewer steps' features."""
         # A float32 entry, left by the float32 retry of a request whose half-precision run failed, serves
         # half-precision requests too: their own inversion of the image would most likely fail again.
-        entry = self.get(key) or self.get(replace(key, dtype=str(torch.float32)))
-        if entry is not None and entry.features.steps.covers(steps):
-            return entry, True
-        computed = compute(entry, steps if entry is None else steps.union(entry.features.steps))
-        if not computed.is_finite():
+        entry = self.get(key) or self.get(key.in_dtype(torch.float32))
+        if entry is None:
+            return CacheLookup(key, None, injection_steps)
+        return CacheLookup(key, entry, injection_steps.union(entry.features.injection_steps))
+
+    def store(self, key: SourceKey, entry: SourceEntry) -> None:
+        """Store a computed entry, unless it holds a NaN or infinity (then `NonFiniteError`): only whole,
+        finite entries are kept."""
+        if not entry.is_finite():
             raise NonFiniteError("the inversion of the image produced NaN or infinite values")
-        self.put(key, computed)
-        return computed, entry is not None
+        self.put(key, entry)
+
+
+@dataclass(frozen=True)
+class CacheLookup:
+    """What the cache held for a request when its run began: the key, the entry found (None if none) and the
+    injection steps the request's entry must hold features for (the request's, widened to the entry's)."""
+
+    key: SourceKey
+    entry: SourceEntry | None
+    injection_steps: InjectionSteps
+
+    @property
+    def use(self) -> CacheUse:
+        if self.entry is None:
+            return CacheUse.NEW
+        return CacheUse.HIT if self.entry.features.injection_steps == self.injection_steps else CacheUse.WIDENED

@@ -11,13 +11,12 @@ prompt's automatic mask beside its image.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from .config import INPUTS, OUTPUT_FORMAT, PnPConfig, load_preset
-from .engine import PnPEngine
-from .errors import InputError, ModelError, NonFiniteError
+from .errors import InputError, PnPError
+from .frontend import add_model_options, load_engine, log_to_stderr
 from .image_io import save_images, save_masks
 
 
@@ -49,9 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=OUTPUT_FORMAT.default,
         help=f"{OUTPUT_FORMAT.description} (default: {OUTPUT_FORMAT.default})",
     )
-    parser.add_argument("--model", help="diffusers directory or hub id (default: PNP_MODEL, else weights/)")
-    parser.add_argument("--device", help="torch device (default: PNP_DEVICE, else cuda when present, else cpu)")
-    parser.add_argument("--dtype", help="float16, bfloat16 or float32 (default: PNP_DTYPE, else by device)")
+    add_model_options(parser)
     options = parser.add_argument_group("inputs (default: the preset's, else the service's)")
     for name, spec in INPUTS.items():
         if name == "translation_prompts":  # the last positional argument
@@ -65,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    log_to_stderr()
     overrides = {name: getattr(args, name) for name in INPUTS if getattr(args, name, None) is not None}
     overrides["translation_prompts"] = args.inputs[-1]
     try:
@@ -83,9 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --save-masks saves the masks of --auto_mask, which is off", file=sys.stderr)
         return 2
     try:
-        engine = PnPEngine.from_pretrained(args.model, args.device, args.dtype)
+        engine = load_engine(args)
         result = engine(config, None if config.generation_mode else args.inputs[0], mask=args.mask)
-    except (InputError, ModelError, NonFiniteError) as error:
+    except PnPError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     for path in save_images(result.images, args.out, args.output_format):

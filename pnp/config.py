@@ -166,6 +166,14 @@ INPUTS: dict[str, InputSpec] = {
 # line, so it is no PnPConfig field.
 OUTPUT_FORMAT = InputSpec(str, "png", "Format of the returned images.", choices=("png", "webp", "jpg"))
 
+# Every public input but the two files (input_image, mask), in the schema's order, for the front ends and
+# the tests: output_format came before auto_mask, so it sits between seed and auto_mask.
+PUBLIC_INPUTS: dict[str, InputSpec] = {
+    **{name: spec for name, spec in INPUTS.items() if name != "auto_mask"},
+    "output_format": OUTPUT_FORMAT,
+    "auto_mask": INPUTS["auto_mask"],
+}
+
 
 def parse_prompts(prompts: str | Sequence[str]) -> tuple[str, ...]:
     """Split `;`-separated prompts (text, or a list of texts), dropping blank ones; refuse none or more than

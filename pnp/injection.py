@@ -22,7 +22,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
 from .compilation import Compilable
-from .errors import ModelError
+from .errors import CallOutOfMemoryError, ModelError
 
 RESNET_SITE = "up_blocks.1.resnets.1"
 ATTENTION_SITES = (
@@ -118,7 +118,7 @@ class SourceFeatures:
     """
 
     features: dict[str, torch.Tensor]
-    steps: InjectionSteps
+    injection_steps: InjectionSteps
     guidance_halves: bool
 
     @property
@@ -141,8 +141,8 @@ class FeatureRecorder:
     beyond those steps is dropped once recorded, so at most one call's capture is held beside the
     features: at 512x512 the attention sites' 15 steps between n_a = 25 and n_f = 40 alone are 0.4 GB."""
 
-    def __init__(self, steps: InjectionSteps, guidance_halves: bool):
-        self.steps, self.guidance_halves = steps, guidance_halves
+    def __init__(self, injection_steps: InjectionSteps, guidance_halves: bool):
+        self.injection_steps, self.guidance_halves = injection_steps, guidance_halves
         self._features: dict[str, torch.Tensor] = {}
 
     def record(self, first_step: int, captured: Mapping[str, torch.Tensor]) -> None:
@@ -150,7 +150,8 @@ class FeatureRecorder:
         steps from `first_step` on."""
         rows_per_step = 2 if self.guidance_halves else 1
         for key, rows in captured.items():
-            kept = self.steps.feature_injection_steps if key == RESNET_KEY else self.steps.attention_injection_steps
+            steps = self.injection_steps
+            kept = steps.feature_injection_steps if key == RESNET_KEY else steps.attention_injection_steps
             values = rows.unflatten(0, (-1, rows_per_step))[: max(0, kept - first_step)]
             if len(values) == 0:
                 continue
@@ -159,7 +160,7 @@ class FeatureRecorder:
             self._features[key][first_step : first_step + len(values)] = values
 
     def features(self) -> SourceFeatures:
-        return SourceFeatures(dict(self._features), self.steps, self.guidance_halves)
+        return SourceFeatures(dict(self._features), self.injection_steps, self.guidance_halves)
 
 
 class _SiteState:
@@ -240,7 +241,6 @@ class InjectionUNet:
     def __init__(self, unet: UNet2DConditionModel):
         self.unet = unet
         self.evals = 0
-        self.last_call_latents = 0
         self._state = _SiteState()
         # The sites are plain module code inside the UNet, so torch.compile traces them with it.
         self.unet_forward = Compilable(unet, "UNet")
@@ -278,12 +278,13 @@ class InjectionUNet:
         injected: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The UNet's output for `latents` (B, 4, h, w) with the `injected` features of this call, each one
-        row per latent or one row for all. A call that fails (out of memory) evaluates nothing and is not
-        counted; `last_call_latents` is its size all the same."""
-        self.last_call_latents = latents.shape[0]
+        row per latent or one row for all. A call that runs out of memory evaluates nothing and is not
+        counted; its error says how many latents it carried."""
         self._state.injected = injected or {}
         try:
             output = self.unet_forward(latents, timesteps, encoder_hidden_states=text).sample
+        except torch.OutOfMemoryError as error:
+            raise CallOutOfMemoryError(error, "unet", latents.shape[0]) from error
         finally:
             self._state.injected = {}
         self.evals += latents.shape[0]

@@ -43,20 +43,21 @@ def extract_features(
     latents: list[torch.Tensor],
     timesteps: list[int],
     text_embedding: torch.Tensor,
-    batch_size: int,
-    steps: InjectionSteps,
+    unet_batch: int,
+    injection_steps: InjectionSteps,
 ) -> SourceFeatures:
     """Source features of `unet(latents[i], timesteps[i], text_embedding)`, several timesteps per UNet call,
-    for the first n_f steps of the ResNet site and n_a of the attention ones (`steps`).
+    for the first n_f steps of the ResNet site and n_a of the attention ones (`injection_steps`); `unet_batch`
+    latents a call.
 
     For a real image `text_embedding` is E(""), whatever conditioned the inversion (docs/algorithm.md §4),
     as in pnp-diffusers and PnP Inversion's benchmark code.
     """
-    recorder = FeatureRecorder(steps, guidance_halves=False)
-    chunked_timesteps = device_timesteps(timesteps, text_embedding.device, batch_size)
-    for start in range(0, len(latents), batch_size):
-        chunk = torch.cat(latents[start : start + batch_size]).to(unet.dtype)
+    recorder = FeatureRecorder(injection_steps, guidance_halves=False)
+    chunked_timesteps = device_timesteps(timesteps, text_embedding.device, unet_batch)
+    for start in range(0, len(latents), unet_batch):
+        chunk = torch.cat(latents[start : start + unet_batch]).to(unet.dtype)
         with unet.capturing() as captured:
-            unet(chunk, chunked_timesteps[start // batch_size], text_embedding.expand(len(chunk), -1, -1))
+            unet(chunk, chunked_timesteps[start // unet_batch], text_embedding.expand(len(chunk), -1, -1))
         recorder.record(start, captured)
     return recorder.features()

@@ -1,9 +1,9 @@
-"""A request's peak memory, predicted from the loaded model's configuration (docs/cost-model.md §8), and the
-latents per UNet or VAE call that fit the memory a device has free.
+"""A request's peak memory, predicted from the loaded model's configuration (docs/cost-model.md §8).
 
 The model counts tensor bytes: the weights, the cache, what one request holds (its source features, its
 latents, its output pixels) and the activations of one UNet or VAE decoder call, which grow with the
-latents the call carries. Kernel workspaces and allocator slack are left to the margin (`usable_bytes`).
+latents the call carries. Kernel workspaces and allocator slack are left to the margin that
+`pnp.memory_policy` keeps free.
 """
 
 from __future__ import annotations
@@ -12,18 +12,15 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from .automask import MASK_NOISES
+from .config import PnPConfig
 from .injection import ATTENTION_SITES, RESNET_SITE, InjectionSteps
 from .models import StableDiffusion, vae_scale_factor
 
-# Left free for what the model does not count: cuDNN's and oneDNN's workspaces, the caching allocator's
-# rounding and fragmentation, CUDA's kernels loaded on first use.
-MEMORY_MARGIN_BYTES = 1 << 30
-MEMORY_MARGIN_FRACTION = 0.1
 # A transformer block's feed-forward (GEGLU, 4x wider) holds its input (1 width), the projection (8), the
 # gate's GELU (4) and the product (4), beside the block's and the transformer's residuals (2 + 1).
 FEED_FORWARD_WIDTHS = 20
@@ -107,12 +104,14 @@ class MemoryModel:
         attention = sum(math.prod(self._up_block_site(site, positions)) for site in ATTENTION_SITES)
         return channels * resnet_positions * self.value_bytes, 2 * attention * self.value_bytes
 
-    def feature_bytes(self, size: tuple[int, int], steps: InjectionSteps, halves: int = 1) -> int:
-        """The source features a request keeps: n_f steps of the ResNet site, n_a of the attention sites, for
-        each of the source's `halves` (2 for a generated source's guided pass)."""
+    def feature_bytes(
+        self, size: tuple[int, int], injection_steps: InjectionSteps, guidance_halves: bool = False
+    ) -> int:
+        """The source features a request keeps: n_f steps of the ResNet site, n_a of the attention sites, twice
+        with `guidance_halves` (a generated source's guided pass keeps both halves)."""
         resnet, attention = self.step_feature_bytes(size)
-        kept = steps.feature_injection_steps * resnet + steps.attention_injection_steps * attention
-        return halves * kept
+        kept = injection_steps.feature_injection_steps * resnet + injection_steps.attention_injection_steps * attention
+        return (2 if guidance_halves else 1) * kept
 
     def latent_bytes(self, size: tuple[int, int], latents: int) -> int:
         """`latents` float32 latents (C, h, w), as the loops keep them."""
@@ -151,76 +150,75 @@ class MemoryModel:
         width, height = size
         return images * RGB * width * height * (self.value_bytes + FLOAT32_BYTES)
 
-    def unet_latent_bytes(self, size: tuple[int, int], halves: int = 1) -> int:
+    def unet_latent_bytes(self, size: tuple[int, int], guidance_halves: bool = False) -> int:
         """What one more latent in a UNet call costs: its activations, and one step's features of every site
         that it captures (extraction, generation) or that is laid out for it (a generated source)."""
         resnet, attention = self.step_feature_bytes(size)
-        return self.unet_call_bytes(size, 1) + halves * (resnet + attention)
+        return self.unet_call_bytes(size, 1) + (2 if guidance_halves else 1) * (resnet + attention)
 
-    def request_bytes(self, request: RequestShape, unet_latents: int, vae_latents: int) -> int:
+    def request_bytes(self, shape: RequestShape, unet_batch: int, vae_batch: int) -> int:
         """What a request holds beside the weights and the cache, at its widest moment: its features (unless
-        cached), latents and images, and the larger of one UNet call and one VAE call, each of at most
-        `unet_latents` and `vae_latents` latents."""
-        held = self.held_bytes(request)
-        unet = min(unet_latents, request.unet_call_latents) * self.unet_latent_bytes(request.size, request.halves)
-        vae = self.vae_call_bytes(request.size, min(vae_latents, request.images))
-        return held + max(unet, vae)
+        cached), latents and images, and the larger of one UNet call of at most `unet_batch` latents and one VAE
+        decoder call of at most `vae_batch` images."""
+        unet_latent = self.unet_latent_bytes(shape.size, guidance_halves=shape.generated)
+        unet = min(unet_batch, shape.largest_unet_call) * unet_latent
+        vae = self.vae_call_bytes(shape.size, min(vae_batch, shape.images))
+        return self.held_bytes(shape) + max(unet, vae)
 
-    def held_bytes(self, request: RequestShape) -> int:
+    def held_bytes(self, shape: RequestShape) -> int:
         """What a request holds through its calls: its new source features, its latents (z_src at every
         sampling step, the translation's batch and its noise predictions) and its decoded images."""
-        features = self.feature_bytes(request.size, request.steps, request.halves) if request.new_source else 0
-        latents = self.latent_bytes(request.size, request.sampling_steps + 4 * request.branches)
-        return features + latents + self.output_bytes(request.size, request.images)
+        features = (
+            self.feature_bytes(shape.size, shape.injection_steps, guidance_halves=shape.generated)
+            if shape.new_source
+            else 0
+        )
+        latents = self.latent_bytes(shape.size, shape.sampling_steps + 4 * shape.branches)
+        return features + latents + self.output_bytes(shape.size, shape.images)
 
-    def peak_bytes(self, request: RequestShape, unet_latents: int, vae_latents: int, cache_bytes: int = 0) -> int:
+    def peak_bytes(self, shape: RequestShape, unet_batch: int, vae_batch: int, cache_bytes: int = 0) -> int:
         """The device's peak for a request: weights, the cache, and the request's own widest moment."""
-        return self.weight_bytes + cache_bytes + self.request_bytes(request, unet_latents, vae_latents)
+        return self.weight_bytes + cache_bytes + self.request_bytes(shape, unet_batch, vae_batch)
 
 
 @dataclass(frozen=True)
 class RequestShape:
     """What of a request decides its memory: the working size (W, H), the sampling steps, the injected steps,
     the UNet branches of a translation step (all prompts'), the latents of its largest UNet call were it not
-    split, the images it returns, whether its source is generated (two feature halves), and whether its
-    features are new (not in the cache)."""
+    split, its translation prompts, whether its source is generated (its features kept for both guidance
+    halves, its image returned first), and whether its features are new (not in the cache)."""
 
     size: tuple[int, int]
     sampling_steps: int
-    steps: InjectionSteps
+    injection_steps: InjectionSteps
     branches: int
-    unet_call_latents: int
-    images: int
+    largest_unet_call: int
+    prompts: int
     generated: bool
     new_source: bool
 
+    @classmethod
+    def of(cls, config: PnPConfig, size: tuple[int, int], generated: bool, new_source: bool) -> RequestShape:
+        """The shape of a request of `config` at working size `size`: its UNet calls are a translation step's
+        branches, a generation step's two halves, the extraction's captured steps (features not cached),
+        and auto_mask's K · (1 + P) noises."""
+        prompts = len(config.translation_prompts)
+        branches = prompts * (3 if config.negative_prompt.strip() else 2)
+        calls = [branches, 2 if generated else 0, config.injection_steps.capture_steps if new_source else 0]
+        if config.auto_mask:
+            calls.append(MASK_NOISES * (1 + prompts))
+        return cls(
+            size=size,
+            sampling_steps=config.num_inference_steps,
+            injection_steps=config.injection_steps,
+            branches=branches,
+            largest_unet_call=max(calls),
+            prompts=prompts,
+            generated=generated,
+            new_source=new_source,
+        )
+
     @property
-    def halves(self) -> int:
-        return 2 if self.generated else 1
-
-
-def fit_latents(room_bytes: int, bytes_per_latent: int, most: int) -> int:
-    """The latents per call that fit `room_bytes`: as many whole latents as fit, at least one (a call of one
-    latent is the least a request can make) and at most `most` (more gain no speed)."""
-    return max(1, min(most, room_bytes // bytes_per_latent))
-
-
-def usable_bytes(free_bytes: int) -> int:
-    """The part of the free memory that calls may use: less `MEMORY_MARGIN_BYTES` or a tenth, the larger."""
-    return free_bytes - max(MEMORY_MARGIN_BYTES, int(MEMORY_MARGIN_FRACTION * free_bytes))
-
-
-def free_bytes(device: torch.device) -> int | None:
-    """The memory the device has free for tensors: on CUDA what the driver has free plus what PyTorch's
-    allocator holds unused; on the CPU the kernel's MemAvailable. None where it cannot be told."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "cpu":
-        try:
-            meminfo = Path("/proc/meminfo").read_text()
-        except OSError:
-            return None
-        match = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.MULTILINE)
-        return int(match.group(1)) * 1024 if match else None
-    return None
+    def images(self) -> int:
+        """The images the request returns: a generated source's first, then one per prompt."""
+        return self.prompts + self.generated

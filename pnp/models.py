@@ -21,7 +21,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .compilation import Compilable
-from .errors import ModelError
+from .errors import CallOutOfMemoryError, ModelError
 from .injection import InjectionUNet, locate_sites
 
 logger = logging.getLogger(__name__)
@@ -128,10 +128,16 @@ class StableDiffusion:
         return posterior.mean * self.vae.config.scaling_factor
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """VAE decoding of latents, `batch_size` at a time; values are roughly in [-1, 1]."""
-        scaled = latents / self.vae.config.scaling_factor
-        return torch.cat([self.vae_decode(chunk.to(self.dtype)).sample for chunk in scaled.split(batch_size)])
+    def decode_latents(self, latents: torch.Tensor, vae_batch: int) -> torch.Tensor:
+        """VAE decoding of latents, `vae_batch` at a time; values are roughly in [-1, 1]. A call that runs out
+        of memory says how many latents it carried."""
+        decoded = []
+        for chunk in (latents / self.vae.config.scaling_factor).split(vae_batch):
+            try:
+                decoded.append(self.vae_decode(chunk.to(self.dtype)).sample)
+            except torch.OutOfMemoryError as error:
+                raise CallOutOfMemoryError(error, "vae", len(chunk)) from error
+        return torch.cat(decoded)
 
 
 def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:

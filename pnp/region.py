@@ -24,20 +24,20 @@ class EditRegion:
 
     pixel_mask: torch.Tensor  # (1 or P, 1, H, W) float32: 1 edits, 0 keeps
     latent_mask: torch.Tensor  # (1 or P, 1, H / f, W / f), f the VAE's scale factor
-    source_latents: tuple[torch.Tensor, ...]  # after step i: the source's latent at t_{i+1}, its clean one last
+    kept_latents: tuple[torch.Tensor, ...]  # after step i: the source's latent at t_{i+1}, its clean one last
 
     @classmethod
     def from_mask(
-        cls, pixel_mask: torch.Tensor, source_latents: tuple[torch.Tensor, ...], vae_scale_factor: int
+        cls, pixel_mask: torch.Tensor, kept_latents: tuple[torch.Tensor, ...], vae_scale_factor: int
     ) -> EditRegion:
         """The region of a painted mask m_px (1, 1, H, W): m = avg_pool2d(m_px, f), on the device of
-        `source_latents`."""
-        pixel_mask = pixel_mask.to(source_latents[0].device)
-        return cls(pixel_mask, F.avg_pool2d(pixel_mask, vae_scale_factor), source_latents)
+        `kept_latents`."""
+        pixel_mask = pixel_mask.to(kept_latents[0].device)
+        return cls(pixel_mask, F.avg_pool2d(pixel_mask, vae_scale_factor), kept_latents)
 
     def blend_latents(self, edited: torch.Tensor, step: int) -> torch.Tensor:
         """x = m x + (1 − m) z_next after sampling step `step`: edited inside the region, the source's outside."""
-        return self.latent_mask * edited + (1 - self.latent_mask) * self.source_latents[step]
+        return self.latent_mask * edited + (1 - self.latent_mask) * self.kept_latents[step]
 
     def blend_pixels(self, edited: torch.Tensor, source_pixels: torch.Tensor) -> torch.Tensor:
         """y = m_px y + (1 − m_px) x_in: the edited pixels in [0, 1] inside the region, the source's

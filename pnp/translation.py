@@ -68,13 +68,13 @@ class Injection:
     """Source features and how many steps of them to inject: ResNet at steps i < n_f, attention at i < n_a."""
 
     source: SourceFeatures
-    steps: InjectionSteps
+    injection_steps: InjectionSteps
 
     def at_step(self, step: int, branches: list[str], count: int) -> dict[str, torch.Tensor]:
         """The features injected at `step`: a real image's one source as a single row that every row of the
         batch shares, or a generated source's guidance halves laid out one row per (branch, prompt): its
         conditional half feeds the conditional branch, its unconditional half the others."""
-        injected = self.source.at_step(step, self.steps)
+        injected = self.source.at_step(step, self.injection_steps)
         if not self.source.guidance_halves:
             return injected
 
@@ -92,7 +92,7 @@ class Denoiser:
     """(latents (P, C, h, w), step i) -> the guided ε of step i (docs/algorithm.md §5).
 
     Evaluates, for all latents at once, only the branches of `guidance` that can change the result, in as
-    few UNet calls as `batch_size` allows, with the injection of step i. A v-prediction UNet's outputs
+    few UNet calls as `unet_batch` allows, with the injection of step i. A v-prediction UNet's outputs
     are turned into ε first (docs/algorithm.md §9).
     """
 
@@ -100,7 +100,7 @@ class Denoiser:
     schedule: NoiseSchedule
     timesteps: list[int]
     guidance: Guidance
-    batch_size: int
+    unet_batch: int
     injection: Injection | None = None
     _device_timesteps: list[torch.Tensor] = field(init=False, repr=False)
 
@@ -113,8 +113,8 @@ class Denoiser:
         latents = x.repeat(len(branches), 1, 1, 1).to(self.unet.dtype)
         features = self.injection.at_step(step, branches, count) if self.injection is not None else {}
         outputs = []
-        for lo in range(0, len(latents), self.batch_size):
-            hi = lo + self.batch_size
+        for lo in range(0, len(latents), self.unet_batch):
+            hi = lo + self.unet_batch
             # A single row is shared by the whole batch; rows laid out per latent are cut like the latents.
             chunk = {key: value if len(value) == 1 else value[lo:hi] for key, value in features.items()}
             outputs.append(self.unet(latents[lo:hi], self._device_timesteps[step], context[lo:hi], chunk))
@@ -144,12 +144,12 @@ def sample(
 
 @torch.no_grad()
 def generate_source(
-    denoiser: Denoiser, noise: torch.Tensor, steps: InjectionSteps
+    denoiser: Denoiser, noise: torch.Tensor, injection_steps: InjectionSteps
 ) -> tuple[tuple[torch.Tensor, ...], SourceFeatures]:
     """Sample a source image from `noise`; return its latent after each step (the last is its clean latent)
     and its features: at each step i < max(n_f, n_a) the sites' outputs of both guidance halves,
     unconditional then conditional (docs/algorithm.md §4)."""
-    recorder = FeatureRecorder(steps, guidance_halves=True)
+    recorder = FeatureRecorder(injection_steps, guidance_halves=True)
     trajectory: list[torch.Tensor] = []
 
     def keep(x: torch.Tensor, step: int) -> torch.Tensor:
@@ -157,7 +157,7 @@ def generate_source(
         return x
 
     def denoise_and_capture(x: torch.Tensor, step: int) -> torch.Tensor:
-        if step >= steps.capture_steps:
+        if step >= injection_steps.capture_steps:
             return denoiser(x, step)
         with denoiser.unet.capturing() as captured:
             eps = denoiser(x, step)

@@ -22,7 +22,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from PIL import Image
 
 from pnp import PnPConfig, PnPEngine
-from pnp.config import INPUTS
+from pnp.config import PUBLIC_INPUTS
 from pnp.image_io import decoded_to_pixels, image_to_tensor, pixels_to_images, prepare_image
 from pnp.injection import ATTENTION_SITES, RESNET_KEY, RESNET_SITE, locate_sites
 
@@ -54,11 +54,10 @@ def config(**values: Any) -> PnPConfig:
 
 def inputs(**overrides: Any) -> dict[str, Any]:
     """Every argument of the predictor's run() (called in-process, Cog's Input() defaults are FieldInfo
-    objects): the inputs' defaults, png, no image or mask, FAST, then `overrides`."""
+    objects): the public inputs' defaults (png), no image or mask, FAST, then `overrides`."""
     return {
         "input_image": None,
-        **{name: spec.default for name, spec in INPUTS.items()},
-        "output_format": "png",
+        **{name: spec.default for name, spec in PUBLIC_INPUTS.items()},
         "mask": None,
         **FAST,
         **overrides,

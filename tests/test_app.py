@@ -28,8 +28,9 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from pnp import PnPEngine
-from pnp.app import CONTROL_SPECS, build_page, editor_to_image_and_mask, parse_seed
+from pnp.app import build_page, editor_to_image_and_mask, parse_seed
 from pnp.app import main as app_main
+from pnp.config import PUBLIC_INPUTS
 from tests.helpers import HORSE, ROOT, free_port, horse_at, pixels, png_declaring
 
 FAST = {"image_size": 128, "num_inference_steps": 10, "ddim_inversion_steps": 10}
@@ -79,7 +80,7 @@ def test_every_public_input_has_exactly_one_control_with_its_default_and_bounds(
     (editor,) = by_label["input_image"]
     assert type(editor) is gr.ImageEditor
     assert [type(block).__name__ for block in by_label["output"]] == ["Gallery"]
-    for name, spec in CONTROL_SPECS.items():
+    for name, spec in PUBLIC_INPUTS.items():
         (control,) = by_label[name]
         assert control.info == spec.description, name
         if spec.default is None:  # the seed: an empty box means a random seed
@@ -142,7 +143,7 @@ def page(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 def control_values(**inputs: Any) -> list[Any]:
     """Every control's value in the page's order: its default (the seed box empty), FAST, then `inputs`."""
-    values = {name: spec.default for name, spec in CONTROL_SPECS.items()}
+    values = {name: spec.default for name, spec in PUBLIC_INPUTS.items()}
     values.update({"seed": "", **FAST, **inputs})
     return list(values.values())
 
@@ -174,6 +175,35 @@ def test_a_real_image_request(client: Client):
     assert "UNet evaluations" in status and "inversion computed" in status and "painted mask" not in status
     again = run_request(client, editor, translation_prompts="a cat", inversion_prompt="app")[2]
     assert "inversion from the cache" in again and " 20 UNet evaluations" in again
+
+
+def test_the_api_takes_the_inputs_by_name(client: Client):
+    api = client.view_api(print_info=False, return_format="dict")
+    names = [parameter["parameter_name"] for parameter in api["named_endpoints"]["/run"]["parameters"]]
+    assert names == ["input_image", *PUBLIC_INPUTS]
+    editor = {"background": handle_file(str(HORSE)), "layers": [], "composite": None}
+    output, _, status = client.predict(
+        input_image=editor,
+        translation_prompts="a robot horse; a zebra",
+        inversion_prompt="by name",
+        **FAST,
+        api_name="/run",
+    )
+    # Two prompts at 128 px, and FAST's steps: M + max(n_f, n_a) + 2 N P = 10 + 8 + 40.
+    assert [image.shape for image in gallery_pixels(output)] == [(128, 128, 3)] * 2
+    assert " 58 UNet evaluations" in status and "inversion computed" in status
+    # input_image may be left out: a generated source.
+    output, _, status = client.predict(
+        generation_prompt="a horse", translation_prompts="a robot horse", seed="5", **FAST, api_name="/run"
+    )
+    assert len(output) == 2 and "generated source, seed 5" in status
+
+
+def test_only_the_latest_requests_files_are_kept(client: Client, page: SimpleNamespace):
+    run_request(client, None, generation_prompt="a horse", translation_prompts="a cat; a dog", seed="1")
+    run_request(client, None, generation_prompt="a horse", translation_prompts="a cat", seed="1", output_format="jpg")
+    (kept,) = [path for path in page.temp.iterdir() if path.name.startswith("pnp-app-")]
+    assert sorted(path.name for path in kept.iterdir()) == ["out-0.jpg", "out-1.jpg"]
 
 
 def test_a_masked_request_keeps_the_unpainted_image(client: Client, tmp_path: Path):

@@ -28,17 +28,19 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pnp import InputError, NonFiniteError, PnPConfig, PnPEngine
 from pnp.automask import MASK_NOISES, AutoMasks, mask_timestep, noise_differences, threshold
-from pnp.engine import RunStats
-from pnp.source import Source
+from pnp.source import SourceLatents
+from pnp.stats import PhaseTimer, RunStats
 from tests.helpers import HORSE, config, horse_at, nan_unet_hook, pixels
 
 GENERATED = {"generation_prompt": "a horse", "seed": 3}
 
 
-def prepared_source(engine: PnPEngine, request: PnPConfig, image=None) -> Source:
+def prepared_source(engine: PnPEngine, request: PnPConfig, image=None) -> SourceLatents:
     """The request's source as the engine prepares it (generated, or the image's inversion)."""
-    checked = engine.check_inputs(request, image, None, RunStats())
-    return engine.prepare_source(checked, engine.encode_prompts(request), RunStats())
+    engine.check_inputs(request, image, None)
+    timer = PhaseTimer(RunStats(), engine.model.injection_unet, engine.model.device)
+    run = engine.plan_run(engine.load_request(request, image, None, timer), timer)
+    return engine.prepare_source(run, engine.encode_prompts(request))
 
 
 def engine_masks(engine: PnPEngine, request: PnPConfig, image=None) -> AutoMasks:

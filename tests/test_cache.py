@@ -5,6 +5,7 @@ float32 retry's entry serves later half-precision requests."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from PIL import Image
 from pnp import PnPEngine
 from pnp.cache import SourceCache, SourceEntry, SourceKey
 from pnp.injection import RESNET_KEY, InjectionSteps, SourceFeatures
+from pnp.memory import MemoryModel, RequestShape
+from pnp.stats import CacheUse
 from tests.helpers import HORSE, config, entries_for, model_dtypes, nan_unet_hook, pixels
 
 
@@ -62,7 +65,7 @@ def test_an_entry_holds_only_the_injected_steps(engine: PnPEngine):
     stats = engine(config(inversion_prompt="defaults"), HORSE).stats
     assert stats.phases["extraction"].unet_evals == 8  # max(n_f, n_a) = max(8, 5)
     features = cached_features(engine, "defaults")
-    assert features.steps == InjectionSteps(8, 5)
+    assert features.injection_steps == InjectionSteps(8, 5)
     assert {len(t) for k, t in features.features.items() if k != RESNET_KEY} == {5}
     assert len(features.features[RESNET_KEY]) == 8
     # Nothing else is held: each kept tensor owns exactly its own memory.
@@ -88,10 +91,16 @@ def test_longer_injection_extracts_again_for_the_longer_of_both_requests(engine:
     assert within.cache_hit and within.unet_evals == within.phases["translation"].unet_evals
     longer = short.replace(feature_injection_threshold=0.6, attention_injection_threshold=0.2)
     stats = engine(longer, HORSE).stats
-    assert stats.cache_hit and stats.phases["inversion"].unet_evals == 0
+    # The inversion came from the cache, the features did not: reported as a widened entry, not a hit, and
+    # the memory model counts the new features.
+    assert stats.cache is CacheUse.WIDENED and not stats.cache_hit and stats.metrics()["cache"] == "widened"
+    assert "features extracted for more steps" in stats.summary()
+    assert stats.phases["inversion"].unet_evals == 0
+    shape = RequestShape.of(longer, (128, 128), generated=False, new_source=True)
+    assert stats.modelled_bytes == MemoryModel.of(engine.model).request_bytes(shape, stats.unet_batch, stats.vae_batch)
     assert stats.phases["extraction"].unet_evals == 6  # one batched pass for n_f = 6, keeping n_a = 5
     extended = cached_features(engine, "steps")
-    assert extended.steps == InjectionSteps(6, 5)
+    assert extended.injection_steps == InjectionSteps(6, 5)
     reference = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu")  # a fresh cache computes them in one go
     reference(longer.replace(attention_injection_threshold=0.5), HORSE)
     (fresh,) = [e.features for _, e in reference.cache.items()]
@@ -140,6 +149,13 @@ def test_the_float32_retry_serves_later_half_precision_requests(bf16_engine: PnP
     # The stats are the request's cost: both runs, the retry's inversion after the failed one.
     assert result.stats.float32_retry and result.stats.phases["inversion"].unet_evals == 2 * 10
     assert "float32 retry" in result.stats.summary().splitlines()[-1]
+    # Its memory figures are the float32 run's: the model's in float32, twice bfloat16's values.
+    shape = RequestShape.of(request, (128, 128), generated=False, new_source=True)
+    bfloat16_model = MemoryModel.of(bf16_engine.model)  # the engine is back in bfloat16
+    float32_model = replace(bfloat16_model, value_bytes=4, weight_bytes=2 * bfloat16_model.weight_bytes)
+    at_its_batches = (shape, result.stats.unet_batch, result.stats.vae_batch)
+    assert float32_model.request_bytes(*at_its_batches) > bfloat16_model.request_bytes(*at_its_batches)
+    assert result.stats.modelled_bytes == float32_model.request_bytes(*at_its_batches)
     (key,) = [key for key, _ in entries_for(bf16_engine, "retried once")]
     assert key.dtype == "torch.float32"
     # The next bfloat16 request reuses the float32 inversion instead of failing its own first.

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pnp.cli import build_parser, main
-from pnp.config import INPUTS, OUTPUT_FORMAT
+from pnp.config import PUBLIC_INPUTS
 from tests.helpers import HORSE
 
 FAST = ["--image_size", "128", "--num_inference_steps", "10", "--ddim_inversion_steps", "10", "--device", "cpu"]
@@ -21,7 +21,7 @@ FAST = ["--image_size", "128", "--num_inference_steps", "10", "--ddim_inversion_
 
 def test_options_are_the_inputs_with_their_types_and_choices():
     options = {action.dest: action for action in build_parser()._actions}
-    for name, spec in {**INPUTS, "output_format": OUTPUT_FORMAT}.items():
+    for name, spec in PUBLIC_INPUTS.items():
         if name == "translation_prompts":  # the last positional argument
             assert name not in options
             continue

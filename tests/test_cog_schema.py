@@ -1,7 +1,7 @@
 """The Cog packaging: cog.yaml, the image's pinned requirements, and the OpenAPI schema of predict.py.
 
 The schema is what Replicate's web form and HTTP API (and coglet's input validation) see, so it must
-list the public inputs in their order with the bounds of `pnp.config.INPUTS`. `cog build` reads
+list the public inputs in their order with the bounds of `pnp.config.PUBLIC_INPUTS`. `cog build` reads
 predict.py statically (tree-sitter), keeping only literal Input() values, so the tests also check that
 a static reader sees exactly what Cog's runtime inspector (script/openapi-schema) sees.
 """
@@ -24,7 +24,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from pnp.config import INPUTS, OUTPUT_FORMAT
+from pnp.config import INPUTS, PUBLIC_INPUTS
 from tests.helpers import ROOT
 
 SCRIPT = ROOT / "script" / "openapi-schema"
@@ -49,8 +49,6 @@ SCHEMA_ORDER = [
     "mask",
     "auto_mask",
 ]
-# Every input but the two files, with what it accepts.
-SPECS = {**INPUTS, "output_format": OUTPUT_FORMAT}
 JSON_TYPES = {str: "string", float: "number", int: "integer", bool: "boolean"}
 
 
@@ -183,6 +181,8 @@ def test_inputs_are_specs_in_specs_order(properties: dict[str, Any]) -> None:
     assert [properties[name]["x-order"] for name in SCHEMA_ORDER] == list(range(len(SCHEMA_ORDER)))
     # The engine's inputs, in the same order: all but the two files and output_format.
     assert list(INPUTS) == [name for name in SCHEMA_ORDER if name not in ("input_image", "output_format", "mask")]
+    # The front ends' table: every input but the two files, in the same order.
+    assert list(PUBLIC_INPUTS) == [name for name in SCHEMA_ORDER if name not in ("input_image", "mask")]
 
 
 def test_no_input_is_required(schema: dict[str, Any]) -> None:
@@ -190,11 +190,11 @@ def test_no_input_is_required(schema: dict[str, Any]) -> None:
     assert "required" not in schema["components"]["schemas"]["Input"]
 
 
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", list(PUBLIC_INPUTS))
 def test_each_input_has_its_specs_type_default_bounds_and_description(
     schema: dict[str, Any], properties: dict[str, Any], name: str
 ) -> None:
-    spec, prop = SPECS[name], properties[name]
+    spec, prop = PUBLIC_INPUTS[name], properties[name]
     assert prop["description"] == spec.description
     if spec.default is None:
         assert prop.get("default") is None and prop.get("nullable") is True

@@ -251,9 +251,9 @@ def test_real_image_prediction(server: Server, horse_uri: str) -> None:
     # The engine's figures are the prediction's metrics too.
     metrics = body["metrics"]
     assert metrics["unet_evals"] == 10 + 8 + 20 and metrics["cache_hit"] is False and metrics["float32_retry"] is False
-    assert metrics["memory_retries"] == 0
+    assert metrics["memory_retries"] == 0 and metrics["cache"] == "new"
     # By the memory model: the extraction's 8 steps in one UNet call, the one image in one VAE call.
-    assert metrics["memory"]["unet_latents_per_call"] == 8 and metrics["memory"]["vae_latents_per_call"] == 1
+    assert metrics["memory"]["unet_batch"] == 8 and metrics["memory"]["vae_batch"] == 1
     assert metrics["memory"]["modelled_mib"] > 0
     assert {name: phase["unet_evals"] for name, phase in metrics["phases"].items()} == {
         "load": 0,
@@ -295,6 +295,8 @@ def test_generation_mode_returns_source_then_one_image_per_prompt(server: Server
     assert len(images) == 3  # the generated source, then the two non-empty prompts
     assert all(image.format == "WEBP" and image.size == (128, 128) for image in images)
     assert "seed: 7" in body["logs"]
+    # A generated source uses no cache: Cog records no null, so the metric is left out.
+    assert "cache" not in body["metrics"] and body["metrics"]["cache_hit"] is False
     # The source's guided sampling is its own phase: 2N evaluations, no inversion or extraction.
     phases = body["metrics"]["phases"]
     assert {name: phases[name]["unet_evals"] for name in ("inversion", "extraction", "generation")} == {
@@ -440,4 +442,5 @@ def test_out_of_memory_over_http_leaves_the_service_ready(
         limit.write_text("none")
         again = srv.predict(**{**request, "translation_prompts": "a zebra"}).json()
         assert again["status"] == "succeeded" and again["metrics"]["cache_hit"] is True  # the entry was whole
+        assert again["metrics"]["cache"] == "hit"
         assert again["metrics"]["memory_retries"] == 0

@@ -93,7 +93,7 @@ def test_feature_recorder_keeps_exactly_the_injected_steps_of_each_call():
         recorder.record(start, {RESNET_KEY: rows, query: rows + 100})
     calls[0].zero_()  # what was recorded does not alias the capture
     features = recorder.features()
-    assert features.steps == InjectionSteps(4, 2)
+    assert features.injection_steps == InjectionSteps(4, 2)
     assert features.features[RESNET_KEY].squeeze(-1).tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert features.features[query].squeeze(-1).tolist() == [[100, 101], [102, 103]]
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in features.features.values())

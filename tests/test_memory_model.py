@@ -20,7 +20,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from pnp import InputError, PnPEngine
 from pnp.image_io import working_size
 from pnp.injection import InjectionSteps
-from pnp.memory import MemoryModel, RequestShape, fit_latents, usable_bytes
+from pnp.memory import MemoryModel, RequestShape
+from pnp.memory_policy import fit_latents, usable_bytes
 from pnp.testing import _SD15_UNET, _SD15_VAE
 from tests.helpers import HORSE, ROOT, config, entries_for, pixels
 
@@ -31,11 +32,11 @@ GiB = 2**30
 
 
 @pytest.fixture
-def free_memory(monkeypatch):
+def free_memory(engine: PnPEngine, monkeypatch):
     """Set what the engine reads as the device's free memory: a figure, or a function of nothing."""
 
     def install(free) -> None:
-        monkeypatch.setattr("pnp.engine.free_bytes", lambda device: free() if callable(free) else free)
+        monkeypatch.setattr(engine, "free_memory", free if callable(free) else lambda: free)
 
     return install
 
@@ -45,7 +46,7 @@ def test_the_features_are_what_the_model_counts(engine: PnPEngine):
     engine(request, HORSE)
     ((_, entry),) = entries_for(engine, "counted")
     size = working_size(*Image.open(HORSE).size, request.image_size)
-    assert entry.features.nbytes == engine.memory.feature_bytes(size, request.injection_steps)
+    assert entry.features.nbytes == MemoryModel.of(engine.model).feature_bytes(size, request.injection_steps)
 
 
 def test_sd15_figures_are_those_of_the_docs():
@@ -60,7 +61,7 @@ def test_sd15_figures_are_those_of_the_docs():
             sd15.unet_latent_bytes(square),
             sd15.vae_call_bytes(square, 1),
             sd15.feature_bytes(square, defaults),
-            sd15.feature_bytes(square, defaults, halves=2),
+            sd15.feature_bytes(square, defaults, guidance_halves=True),
         ):
             assert f"{figure:,}" in docs, f"{figure:,} B ({size} px) is not in docs/cost-model.md"
     # The feature bytes of §5, derived there site by site.
@@ -100,8 +101,8 @@ def test_the_model_against_what_the_cpu_measures(tiny_model_dir: Path, engine: P
     ).stdout
     calls = {row["call"]: row for row in map(json.loads, measured.splitlines())}
     modelled = {
-        "unet": engine.memory.unet_call_bytes((size, size), 1),
-        "vae": engine.memory.vae_call_bytes((size, size), 1),
+        "unet": MemoryModel.of(engine.model).unet_call_bytes((size, size), 1),
+        "vae": MemoryModel.of(engine.model).vae_call_bytes((size, size), 1),
     }
     for call, figure in modelled.items():
         assert calls[call]["tensor_peak_bytes"] == pytest.approx(figure, rel=0.10), call
@@ -136,14 +137,15 @@ def test_the_engine_chooses_the_latents_per_call_from_the_free_memory(engine: Pn
     try:
         # Room for three latents a UNet call (beside what the request holds, after the margin) and one image
         # a VAE call.
-        shape = engine._shape(request, (128, 128), generated=False, new_source=True)
-        room = engine.memory.held_bytes(shape) + 3 * engine.memory.unet_latent_bytes((128, 128)) + 1
-        assert room < engine.memory.vae_call_bytes((128, 128), 2)
+        shape = RequestShape.of(request, (128, 128), generated=False, new_source=True)
+        model = MemoryModel.of(engine.model)
+        room = model.held_bytes(shape) + 3 * model.unet_latent_bytes((128, 128)) + 1
+        assert room < model.vae_call_bytes((128, 128), 2)
         free_memory(room + 2**30)
         result = engine(request, HORSE)
     finally:
         hook.remove()
-    assert max(calls) == 3 and (result.stats.unet_latents_per_call, result.stats.vae_latents_per_call) == (3, 1)
+    assert max(calls) == 3 and (result.stats.unet_batch, result.stats.vae_batch) == (3, 1)
     for constrained, free in zip(result.images, unconstrained.images, strict=True):
         assert np.abs(pixels(constrained) - pixels(free)).max() <= 1  # other batch sizes, same images
     assert "3 latents per UNet call, 1 per VAE call" in result.stats.summary()
@@ -153,8 +155,8 @@ def test_the_cache_leaves_the_next_request_room(engine: PnPEngine, free_memory):
     """The free memory falls as the cache grows; an entry that would leave less than a same-size request
     needs is dropped, least recently used first."""
     engine.cache.clear()
-    shape = engine._shape(config(), (128, 128), generated=False, new_source=True)
-    needed = engine.memory.request_bytes(shape, 1, 1)
+    shape = RequestShape.of(config(), (128, 128), generated=False, new_source=True)
+    needed = MemoryModel.of(engine.model).request_bytes(shape, 1, 1)
     engine(config(inversion_prompt="first"), HORSE)
     entry_bytes = engine.cache.nbytes
     total = 2**30 + needed + entry_bytes + entry_bytes // 2  # one entry leaves room, two do not
@@ -179,7 +181,7 @@ def test_the_error_says_what_would_fit(engine: PnPEngine, free_memory, monkeypat
     request = config(generation_prompt="a horse", seed=1, image_size=256, translation_prompts="a cat")
 
     def needed(size: int) -> int:
-        return engine.memory.request_bytes(engine._shape(request, (size, size), True, True), 1, 1)
+        return MemoryModel.of(engine.model).request_bytes(RequestShape.of(request, (size, size), True, True), 1, 1)
 
     free_memory(GiB + (needed(128) + needed(192)) // 2)  # 128 px fits after the margin, 192 does not
     with pytest.raises(InputError, match=re.escape("image_size 128 or less would fit")) as raised:

@@ -23,10 +23,11 @@ import torch
 from PIL import Image
 
 import pnp.engine as engine_module
-from pnp.config import INPUTS, MAX_PROMPTS
-from pnp.engine import PnPEngine, PnPResult, RunStats
+from pnp.config import INPUTS, MAX_PROMPTS, PUBLIC_INPUTS
+from pnp.engine import PnPEngine, PnPResult
 from pnp.errors import InputError, NonFiniteError
 from pnp.injection import InjectionSteps
+from pnp.stats import RunStats
 from tests.helpers import (
     HORSE,
     SERVICE_CACHE_BYTES,
@@ -257,7 +258,7 @@ def test_a_fault_in_any_phase_leaves_the_service_ready(service, reference_output
             raise exception(f"injected fault in {phase}")
 
     site = engine.model.vae.decoder if phase == "decode" else engine.model.unet
-    hooks, dirs, last_dir = hook_count(engine), out_dirs(service), predictor._last_output_dir
+    hooks, dirs, last_dir = hook_count(engine), out_dirs(service), predictor.outputs.latest
     handle = site.register_forward_pre_hook(fault)
     try:
         with pytest.raises(exception, match="injected fault"):
@@ -279,15 +280,15 @@ def test_a_fault_in_any_phase_leaves_the_service_ready(service, reference_output
         ((_, entry),) = entries
         timesteps = engine.schedule.sampling_timesteps(FAULT_REQUEST["num_inference_steps"])
         assert set(timesteps) <= set(entry.latents)
-        assert entry.features.steps.covers(InjectionSteps(8, 5))  # n_f, n_a of 10 steps
+        assert entry.features.injection_steps.covers(InjectionSteps(8, 5))  # n_f, n_a of 10 steps
         assert entry.is_finite()
 
     # Ready: a new image, then the same request, succeed with the images of a predictor that never failed
     # (the second one from the cache where the entry was kept).
     assert_images(predictor.run(**OTHER_REQUEST), reference_output["other"])
     assert_images(predictor.run(**FAULT_REQUEST), reference_output["fault"])
-    new_dir = Path(predictor._last_output_dir).name
-    assert out_dirs(service) == (dirs - {Path(last_dir).name if last_dir else None}) | {new_dir}
+    new_dir = predictor.outputs.latest.name
+    assert out_dirs(service) == (dirs - {last_dir.name if last_dir else None}) | {new_dir}
 
 
 # --- output files ---------------------------------------------------------------------------------------
@@ -372,7 +373,7 @@ def test_soak_of_30_mixed_predictions(service, tmp_path):
             request.update(bad)
             with pytest.raises(InputError) as caught:
                 predictor.run(**request)
-            assert caught.value.input_name in {*INPUTS, "input_image", "output_format"}
+            assert caught.value.input_name in {*PUBLIC_INPUTS, "input_image"}
             refused += 1
         else:
             paths = predictor.run(**request)

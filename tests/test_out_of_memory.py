@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pnp import InputError, ModelError, PnPEngine
-from pnp.engine import batch_latent_pixels_setting
+from pnp.memory_policy import batch_latent_pixels_setting
 from tests.helpers import HORSE, config, entries_for, pixels
 
 
@@ -117,7 +117,7 @@ def test_a_vae_decoder_call_that_runs_out_of_memory_decodes_fewer_images(engine:
     monkeypatch.setattr(engine.model, "vae_decode", small_memory)
     result = engine(request, HORSE)
     assert refused == [3]  # the failed call's 3 images halved: 1 a call
-    assert result.stats.memory_retries == 1 and result.stats.vae_latents_per_call == 1
+    assert result.stats.memory_retries == 1 and result.stats.vae_batch == 1
     assert result.stats.phases["translation"].unet_evals == 60  # the UNet phases ran once
     for constrained, free in zip(result.images, unconstrained.images, strict=True):
         assert np.abs(pixels(constrained) - pixels(free)).max() <= 1

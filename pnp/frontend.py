@@ -1,0 +1,54 @@
+"""What the command line, the web page and the Cog predictor share: the model options and loading the engine
+from them, the logging of the command line and the page, and the servers' one output directory at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from .engine import PnPEngine
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """`--model`, `--device` and `--dtype`: which model to load, on what, in which dtype (`load_engine`)."""
+    parser.add_argument("--model", help="diffusers directory or hub id (default: PNP_MODEL, else weights/)")
+    parser.add_argument("--device", help="torch device (default: PNP_DEVICE, else cuda when present, else cpu)")
+    parser.add_argument("--dtype", help="float16, bfloat16 or float32 (default: PNP_DTYPE, else by device)")
+
+
+def load_engine(args: argparse.Namespace) -> PnPEngine:
+    """The engine on the model that the options of `add_model_options` name; a ModelError where it is unusable."""
+    return PnPEngine.from_pretrained(args.model, args.device, args.dtype)
+
+
+def log_to_stderr() -> None:
+    """Show the engine's INFO logs (its phases, seconds and UNet evaluations) on stderr, with time and logger."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+class LatestOutputs:
+    """A directory of the system's temp for each request's output files, of which only the latest is kept.
+
+    A server hands one request's files on (Cog uploads them, Gradio copies them into its cache) before it
+    runs the next, one at a time; so each request may remove the previous one's, and a long-running server
+    does not fill its disk."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.latest: Path | None = None
+
+    def fresh(self) -> Path:
+        """A new, empty directory for this request's files; the previous request's is removed."""
+        self.close()
+        self.latest = Path(tempfile.mkdtemp(prefix=self.prefix))
+        return self.latest
+
+    def close(self) -> None:
+        """Remove the latest directory, if any (at exit)."""
+        if self.latest is not None:
+            shutil.rmtree(self.latest, ignore_errors=True)
+            self.latest = None
