@@ -89,8 +89,9 @@ def test_sd15_request_peaks_are_those_of_the_docs():
 def test_the_model_against_what_the_cpu_measures(tiny_model_dir: Path, engine: PnPEngine, size: int):
     """One UNet call and one VAE decoder call of one latent, each size in a fresh process: the tensors alive
     at once are the model's figure within 10%; the decoder's rise of peak resident size (its tensors are
-    large enough to come from the kernel directly) is at least the model's and at most twice it, the rest
-    being oneDNN's convolution buffers and the allocator's slack, which the margin of §8 covers."""
+    large enough to come from the kernel directly) is at least the model's and at most 2.5 times it, the
+    rest being oneDNN's convolution buffers and the allocator's slack, which the margin of §8 covers (at 512
+    px measured from 1.6 times on an Intel Xeon to 1.9-2.2 times, varying run to run, on an AMD EPYC)."""
     measured = subprocess.run(
         [sys.executable, "-m", "tests.measure_memory", str(tiny_model_dir), str(size)],
         cwd=ROOT,
@@ -106,7 +107,7 @@ def test_the_model_against_what_the_cpu_measures(tiny_model_dir: Path, engine: P
     }
     for call, figure in modelled.items():
         assert calls[call]["tensor_peak_bytes"] == pytest.approx(figure, rel=0.10), call
-    assert figure <= calls["vae"]["rss_rise_bytes"] <= 2 * figure
+    assert figure <= calls["vae"]["rss_rise_bytes"] <= 2.5 * figure
 
 
 def test_the_latents_per_call_fit_the_room():
