@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -57,14 +57,18 @@ class SourceKey:
     inversion_prompt: str
 
     @classmethod
-    def of(cls, model: str, dtype: torch.dtype, image: Image.Image, config: PnPConfig) -> SourceKey:
-        """The key of `image` (at its working size) inverted by `model` in `dtype` as `config` asks."""
+    def of(cls, model: str, dtype: torch.dtype, images: Sequence[Image.Image], config: PnPConfig) -> SourceKey:
+        """The key of `images` (an image, or a video's frames, at their working size) inverted by `model` in
+        `dtype` as `config` asks."""
+        digest = hashlib.sha256()
+        for image in images:
+            digest.update(image.tobytes())
         return cls(
             model=model,
             dtype=str(dtype),
-            image_digest=hashlib.sha256(image.tobytes()).hexdigest(),
-            width=image.width,
-            height=image.height,
+            image_digest=digest.hexdigest(),
+            width=images[0].width,
+            height=images[0].height,
             ddim_inversion_steps=config.ddim_inversion_steps,
             num_inference_steps=config.num_inference_steps,
             inversion_prompt=config.inversion_prompt,

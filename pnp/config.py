@@ -160,18 +160,43 @@ INPUTS: dict[str, InputSpec] = {
         "the input image in inversion_prompt (in generation mode, generation_prompt describes it). Helps "
         "local edits of an object; a global restyle needs no mask. Not with mask.",
     ),
+    "video_frames": InputSpec(
+        int,
+        40,
+        "With input_video: the most frames to edit, from the video's start (at video_fps).",
+        minimum=1,
+        maximum=200,
+    ),
+    "video_fps": InputSpec(
+        float,
+        0.0,
+        "With input_video: frames per second to take from the video and to write; 0 keeps the video's own "
+        "rate. Otherwise between 1 and 60.",
+        minimum=0.0,
+        maximum=60.0,
+    ),
+    "keyframe_interval": InputSpec(
+        int,
+        8,
+        "With input_video: frames per group. At each step one keyframe a group is edited jointly with the "
+        "others, and every frame takes its edit from the keyframes (TokenFlow); smaller is more faithful "
+        "to each frame and costs more.",
+        minimum=1,
+        maximum=16,
+    ),
 }
 
 # How the images are written, not what the engine computes: an input of the predictor and the command
 # line, so it is no PnPConfig field.
 OUTPUT_FORMAT = InputSpec(str, "png", "Format of the returned images.", choices=("png", "webp", "jpg"))
 
-# Every public input but the two files (input_image, mask), in the schema's order, for the front ends and
-# the tests: output_format came before auto_mask, so it sits between seed and auto_mask.
+# Every public input but the three files (input_image, mask, input_video), in the schema's order, for the
+# front ends and the tests: output_format came before auto_mask, so it sits between seed and auto_mask.
+_BEFORE_OUTPUT_FORMAT = list(INPUTS)[: list(INPUTS).index("auto_mask")]
 PUBLIC_INPUTS: dict[str, InputSpec] = {
-    **{name: spec for name, spec in INPUTS.items() if name != "auto_mask"},
+    **{name: INPUTS[name] for name in _BEFORE_OUTPUT_FORMAT},
     "output_format": OUTPUT_FORMAT,
-    "auto_mask": INPUTS["auto_mask"],
+    **{name: spec for name, spec in INPUTS.items() if name not in _BEFORE_OUTPUT_FORMAT},
 }
 
 
@@ -199,7 +224,10 @@ def _checked(name: str, value: Any) -> Any:
     """The value the config field `name` stores for `value`: the prompts as a tuple, numbers as their type."""
     if name == "translation_prompts":
         return parse_prompts(value)
-    return INPUTS[name].check(name, value)
+    checked = INPUTS[name].check(name, value)
+    if name == "video_fps" and 0 < checked < 1:
+        raise InputError(name, f"must be 0 (the video's own rate) or between 1 and 60, got {value}")
+    return checked
 
 
 def _default(name: str) -> Any:
@@ -226,6 +254,9 @@ class PnPConfig:
     image_size: int = _default("image_size")
     seed: int | None = _default("seed")
     auto_mask: bool = _default("auto_mask")
+    video_frames: int = _default("video_frames")
+    video_fps: float = _default("video_fps")
+    keyframe_interval: int = _default("keyframe_interval")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

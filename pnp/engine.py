@@ -26,7 +26,7 @@ from PIL import Image
 from .automask import AutoMasks, noise_differences, threshold
 from .cache import CacheLookup, SourceCache, SourceEntry, SourceKey, default_cache_bytes
 from .config import INPUTS, PnPConfig
-from .errors import InputError, NonFiniteError
+from .errors import InputError
 from .image_io import (
     ImageSource,
     decoded_to_pixels,
@@ -40,30 +40,21 @@ from .image_io import (
 from .inversion import extract_features, invert
 from .memory import MemoryModel, RequestShape
 from .memory_policy import DeviceMemory, MemoryPolicy, batch_latent_pixels_setting, free_bytes
-from .models import StableDiffusion, load_model
+from .models import StableDiffusion, load_model, run_with_float32_retry
+from .prompts import PromptEmbeddings, encode_prompts, translation_guidance
 from .region import EditRegion
-from .schedules import NoiseSchedule, negative_prompt_weights
+from .schedules import NoiseSchedule
 from .source import GeneratedImage, RealImage, Source, SourceLatents
-from .stats import CacheUse, PhaseTimer, RunStats
+from .stats import VIDEO_PHASES, CacheUse, PhaseTimer, RunStats
 from .translation import Denoiser, Guidance, Injection, generate_source, sample
+from .video import VideoPipeline
+from .video_io import VideoSource
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 GENERATION_GUIDANCE_SCALE = 5.0
-
-
-@dataclass(frozen=True)
-class PromptEmbeddings:
-    """The text embeddings of a request (docs/algorithm.md §1): E(""), the source's text (the inversion
-    prompt, or in generation mode the generation prompt), one per target prompt, and the negative
-    prompt's (None without one); each (rows, 77, d)."""
-
-    unconditional: torch.Tensor
-    source: torch.Tensor
-    targets: torch.Tensor
-    negative: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -93,13 +84,16 @@ class Run:
 
 @dataclass
 class PnPResult:
-    """The output images (a generated source first, then one per prompt), the seed used, the stats, and
-    with auto_mask each prompt's mask m_px as a grey image (white edits, black keeps the source)."""
+    """The output images (a generated source first, then one per prompt), the seed used, the stats, with
+    auto_mask each prompt's mask m_px as a grey image (white edits, black keeps the source), and for a video
+    each prompt's frames (before encoding) and their rate."""
 
     images: list[Image.Image]
     seed: int | None
     stats: RunStats
     masks: list[Image.Image] = field(default_factory=list)
+    videos: list[list[Image.Image]] = field(default_factory=list)
+    fps: float | None = None
 
 
 class PnPEngine:
@@ -123,6 +117,7 @@ class PnPEngine:
         self.cache = SourceCache(default_cache_bytes(model.device) if cache_bytes is None else cache_bytes)
         self.batch_latent_pixels = batch_latent_pixels or batch_latent_pixels_setting()
         self.free_memory = free_memory or partial(free_bytes, model.device)
+        self.videos = VideoPipeline(model, self.schedule, self.cache, self._free_bytes, self.batch_latent_pixels)
 
     @classmethod
     def from_pretrained(
@@ -162,35 +157,34 @@ class PnPEngine:
         config: PnPConfig,
         image: ImageSource | None = None,
         mask: ImageSource | None = None,
+        video: VideoSource | None = None,
     ) -> PnPResult:
-        """Translate `image` (or, in generation mode, a source generated from `config.generation_prompt`).
+        """Translate `image` (or, in generation mode, a source generated from `config.generation_prompt`), or
+        the frames of `video` (SPEC 7: `PnPResult.videos`).
 
         With a `mask` (real images only), white regions are edited and black ones keep the input exactly
         (docs/algorithm.md §8); with `config.auto_mask` each prompt gets its own mask (§10), returned in
         `PnPResult.masks`. Every input is checked before any UNet evaluation. Non-finite numbers in
         float16 or bfloat16 get the request one more run in float32 before it fails.
         """
-        self.check_inputs(config, image, mask)
+        self.check_inputs(config, image, mask, video)
+        if video is not None:
+            timer = PhaseTimer(RunStats.of(VIDEO_PHASES), self.model.injection_unet, self.model.device)
+            videos, fps = self.videos(config, video, timer)
+            return PnPResult(images=[], seed=None, stats=timer.stats, videos=videos, fps=fps)
         timer = PhaseTimer(RunStats(), self.model.injection_unet, self.model.device)
         request = self.load_request(config, image, mask, timer)
-        run = self.plan_run(request, timer)
-        try:
-            result = self._run(run)
-        except NonFiniteError as error:
-            if self.model.dtype == torch.float32:
-                raise
-            logger.warning("%s in %s; running the request again in float32", error, self.model.dtype)
-            timer.stats.float32_retry = True
-            with self.model.in_float32():
-                result = self._run(self.plan_run(request, timer))
-        run.memory.leave_room(self.cache)
+        result, memory = run_with_float32_retry(self.model, timer.stats, self._run, request, timer)
+        memory.leave_room(self.cache)
         return result
 
-    def _run(self, run: Run) -> PnPResult:
-        """One run of a loaded request; § are docs/algorithm.md's."""
-        config, source = run.request.config, run.request.source
+    def _run(self, request: LoadedRequest, timer: PhaseTimer) -> tuple[PnPResult, MemoryPolicy]:
+        """One run of a loaded request in the model's current dtype, and its memory policy; § are
+        docs/algorithm.md's."""
+        run = self.plan_run(request, timer)
+        config, source = request.config, request.source
         # 1. Text embeddings: E(""), the source's text, the target prompts, the negative prompt (§1).
-        embeddings = self.encode_prompts(config)
+        embeddings = encode_prompts(self.model, config)
         # 2. The source's latents and features: a real image's inversion (§3-§4, cached), or a generated
         #    image's (§4).
         source_latents = self.prepare_source(run, embeddings)
@@ -204,13 +198,20 @@ class PnPEngine:
         images = self._phase(run, "decode", self.decode, run, source_latents, latents, region)
         run.memory.record()
         masks = masks_to_images(region.pixel_mask) if config.auto_mask else []
-        return PnPResult(images=images, seed=source.seed, stats=run.stats, masks=masks)
+        return PnPResult(images=images, seed=source.seed, stats=run.stats, masks=masks), run.memory
 
-    def check_inputs(self, config: PnPConfig, image: ImageSource | None, mask: ImageSource | None) -> None:
+    def check_inputs(
+        self, config: PnPConfig, image: ImageSource | None, mask: ImageSource | None, video: VideoSource | None
+    ) -> None:
         """Every refusal that needs more than the config (which checks its own fields), before any work: the
-        UNet's processors, a mask with auto_mask, the step counts against the scheduler, a missing image,
-        and a mask without one."""
+        UNet's processors, a video with another source or a mask, a mask with auto_mask, the step counts
+        against the scheduler, a missing image, and a mask without one."""
         self.model.injection_unet.check_processors()
+        if video is not None:
+            others = {"input_image": image is not None, "generation_prompt": config.generation_mode}
+            others.update(mask=mask is not None, auto_mask=config.auto_mask)
+            for name in (name for name, given in others.items() if given):
+                raise InputError("input_video", f"cannot be used together with {name}: give one source, unmasked")
         if config.auto_mask and mask is not None:
             raise InputError("auto_mask", "cannot be used together with mask: give a mask or set auto_mask, not both")
         steps_spec = INPUTS["num_inference_steps"]
@@ -221,7 +222,7 @@ class PnPEngine:
                     "mask", "works only with an input_image; in generation mode there is no input image to keep"
                 )
             return
-        if image is None:
+        if image is None and video is None:
             raise InputError("input_image", "give an image to edit, or a generation_prompt to generate one")
         spec = INPUTS["ddim_inversion_steps"]
         self.schedule.check_training_range("ddim_inversion_steps", config.ddim_inversion_steps, spec.minimum)
@@ -242,7 +243,7 @@ class PnPEngine:
             with timer.phase("load"):
                 prepared = prepare_image(load_image(image), config.image_size)
                 pixel_mask = None if mask is None else load_mask(mask, prepared.size)
-                key = SourceKey.of(self.model.name, self.model.dtype, prepared, config)
+                key = SourceKey.of(self.model.name, self.model.dtype, [prepared], config)
             source = RealImage(prepared, pixel_mask, key, mask_seed=0 if config.seed is None else config.seed)
         timer.stats.seed = source.seed
         timer.stats.mask = "auto" if config.auto_mask else None if source.pixel_mask is None else "painted"
@@ -267,19 +268,6 @@ class PnPEngine:
         """`step(*args)` as the phase `name`: timed, and run again with smaller calls where memory runs out."""
         with run.timer.phase(name):
             return run.memory.run(step, *args)
-
-    def encode_prompts(self, config: PnPConfig) -> PromptEmbeddings:
-        """The request's text embeddings, from one text-encoder call."""
-        source_text = config.generation_prompt if config.generation_mode else config.inversion_prompt
-        negative = [config.negative_prompt] if config.negative_prompt.strip() else []
-        embeddings = self.model.encode_text(["", source_text, *config.translation_prompts, *negative])
-        targets_end = 2 + len(config.translation_prompts)
-        return PromptEmbeddings(
-            unconditional=embeddings[:1],
-            source=embeddings[1:2],
-            targets=embeddings[2:targets_end],
-            negative=embeddings[targets_end:] if negative else None,
-        )
 
     def prepare_source(self, run: Run, embeddings: PromptEmbeddings) -> SourceLatents:
         """The source's latents and features: a real image's, from the cache or computed (and then cached),
@@ -322,6 +310,9 @@ class PnPEngine:
             image_latent, latents = widened.image_latent, widened.latents
         features = self._phase(run, "extraction", self._extract_features, run, latents, embeddings)
         return SourceEntry(image_latent, latents, features)
+
+    def _free_bytes(self) -> int | None:
+        return self.free_memory()  # read when called: tests and callers may replace `free_memory`
 
     def _extract_features(self, run: Run, latents: dict[int, torch.Tensor], embeddings: PromptEmbeddings):
         """The source features of the inversion's forward latents at the first max(n_f, n_a) sampling steps."""
@@ -367,15 +358,7 @@ class PnPEngine:
     ) -> torch.Tensor:
         """x_T -> the final latents (P, C, h, w), one per target prompt, the source's features injected."""
         config = run.request.config
-        num_steps = len(run.request.timesteps)
-        weights = (
-            negative_prompt_weights(config.negative_prompt_schedule, config.negative_prompt_alpha, num_steps)
-            if embeddings.negative is not None
-            else [1.0] * num_steps
-        )
-        guidance = Guidance(
-            embeddings.unconditional, embeddings.targets, embeddings.negative, config.scale, tuple(weights)
-        )
+        guidance = translation_guidance(config, embeddings, len(run.request.timesteps))
         denoiser = self._denoiser(run, guidance, Injection(source_latents.features, config.injection_steps))
         start = source_latents.start_latent.float()
         start = start.expand(guidance.count, *start.shape[1:])

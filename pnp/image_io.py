@@ -135,7 +135,11 @@ def working_size(width: int, height: int, image_size: int) -> tuple[int, int]:
 
 def prepare_image(image: Image.Image, image_size: int) -> Image.Image:
     """Resize `image` (Lanczos) to its working size; one already that size is returned as it is."""
-    size = working_size(*image.size, image_size)
+    return resized(image, working_size(*image.size, image_size))
+
+
+def resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`image` at `size` (Lanczos); one already that size is returned as it is."""
     return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 

@@ -11,7 +11,7 @@ be thrown away, and torch.compile sees plain module code.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -174,6 +174,17 @@ class _SiteState:
         if self.captured is not None:
             self.captured[key].append(value)
 
+    def project(self, key: str, project: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """A site's query or key projection (`key`): the injected source's at an injected step, else computed
+        and, while capturing, recorded."""
+        source = self.injected.get(key)
+        if source is None:
+            projected = project(hidden_states)
+            self.capture(key, projected)
+            return projected
+        # One source for every row broadcasts (an expanded view, no copy).
+        return source.to(hidden_states.dtype).expand(hidden_states.shape[0], -1, -1)
+
 
 class _ResidualSite:
     """The forward of the ResNet site: (shortcut(x) + h) / output_scale_factor, where h is the residual
@@ -207,30 +218,23 @@ class _SelfAttentionSite:
         self.query_key, self.key_key = f"{site}.attn1.to_q", f"{site}.attn1.to_k"
         self.state = state
 
-    def _projection(self, key: str, project: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        source = self.state.injected.get(key)
-        if source is None:
-            projected = project(hidden_states)
-            self.state.capture(key, projected)
-            return projected
-        # One source for every row broadcasts (an expanded view, no copy).
-        return source.to(hidden_states.dtype).expand(hidden_states.shape[0], -1, -1)
-
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        batch = hidden_states.shape[0]
-        query = self._projection(self.query_key, attn.to_q, hidden_states)
-        key = self._projection(self.key_key, attn.to_k, hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = value.shape[-1] // attn.heads
+        query = self.state.project(self.query_key, attn.to_q, hidden_states)
+        key = self.state.project(self.key_key, attn.to_k, hidden_states)
+        return attend(attn, query, key, attn.to_v(hidden_states))
 
-        def heads(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
 
-        attended = F.scaled_dot_product_attention(
-            heads(query), heads(key), heads(value), dropout_p=0.0, is_causal=False
-        )
-        attended = attended.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        return attn.to_out[1](attn.to_out[0](attended))
+def attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """attn's output for projected queries (B, L, C) over keys and values (B, L', C): scaled-dot-product
+    attention per head, as diffusers' AttnProcessor2_0 computes it, then the output projection."""
+    batch, head_dim = query.shape[0], value.shape[-1] // attn.heads
+
+    def heads(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+    attended = F.scaled_dot_product_attention(heads(query), heads(key), heads(value), dropout_p=0.0, is_causal=False)
+    attended = attended.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    return attn.to_out[1](attn.to_out[0](attended))
 
 
 class InjectionUNet:
@@ -289,6 +293,30 @@ class InjectionUNet:
             self._state.injected = {}
         self.evals += latents.shape[0]
         return output
+
+    def site_projection(self, key: str, project: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """A site's query or key projection (keys of `attention_keys()`) as the sites make it: injected at an
+        injected step, else computed and, while capturing, recorded."""
+        return self._state.project(key, project, hidden_states)
+
+    @contextmanager
+    def self_attention_processors(self, processor_for: Callable[[str, str | None], object]) -> Iterator[None]:
+        """Inside, every transformer block's self-attention (attn1) runs `processor_for(layer, site)` (`site`
+        the injection site it is, or None); the engine's processors come back on exit."""
+        layers = {
+            name: module
+            for name, module in self.unet.named_modules()
+            if name.endswith(".attn1") and isinstance(module, Attention)
+        }
+        sites = {f"{site}.transformer_blocks.0.attn1": site for site in ATTENTION_SITES}
+        originals = {name: module.processor for name, module in layers.items()}
+        try:
+            for name, module in layers.items():
+                module.set_processor(processor_for(name, sites.get(name)))
+            yield
+        finally:
+            for name, module in layers.items():
+                module.set_processor(originals[name])
 
     @contextmanager
     def capturing(self) -> Iterator[dict[str, torch.Tensor]]:

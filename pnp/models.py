@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -21,10 +21,13 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .compilation import Compilable
-from .errors import CallOutOfMemoryError, ModelError
+from .errors import CallOutOfMemoryError, ModelError, NonFiniteError
 from .injection import InjectionUNet, locate_sites
+from .stats import RunStats
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -138,6 +141,20 @@ class StableDiffusion:
             except torch.OutOfMemoryError as error:
                 raise CallOutOfMemoryError(error, "vae", len(chunk)) from error
         return torch.cat(decoded)
+
+
+def run_with_float32_retry(model: StableDiffusion, stats: RunStats, run: Callable[..., T], *args: object) -> T:
+    """`run(*args)`; where it meets NaN or infinity in float16 or bfloat16, `run(*args)` once more with the model in
+    float32 (docs/conventions.md §8), marked in `stats`."""
+    try:
+        return run(*args)
+    except NonFiniteError as error:
+        if model.dtype == torch.float32:
+            raise
+        logger.warning("%s in %s; running the request again in float32", error, model.dtype)
+        stats.float32_retry = True
+        with model.in_float32():
+            return run(*args)
 
 
 def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:

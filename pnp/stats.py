@@ -1,6 +1,7 @@
 """What a request cost and did: seconds and UNet evaluations per phase, where its source came from, its masks,
-its memory and its retries; timed by `PhaseTimer`, and rendered once for people (`notes`, used by the logs'
-`summary` and the web page's `headline`) and once as data (`metrics`, Cog's metrics).
+its memory and its retries; timed by `PhaseTimer` (a front end's video encoding by `RunStats.timed`), and
+rendered once for people (`notes`, used by the logs' `summary` and the web page's `headline`) and once as data
+(`metrics`, Cog's metrics).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 PHASES = ("load", "inversion", "extraction", "generation", "mask", "translation", "decode")
+# "encode" is the front ends' MP4 writing, after the engine returns (RunStats.timed); the Python API, which returns
+# frames, leaves it at 0.
+VIDEO_PHASES = ("load", "inversion", "keyframes", "groups", "decode", "encode")
 
 
 class CacheUse(StrEnum):
@@ -58,6 +62,11 @@ class RunStats:
     vae_batch: int = 0
     modelled_bytes: int = 0
 
+    @classmethod
+    def of(cls, phases: tuple[str, ...]) -> RunStats:
+        """Stats of a request whose phases are `phases` (a video's: VIDEO_PHASES)."""
+        return cls(phases={name: PhaseStats() for name in phases})
+
     @property
     def seconds(self) -> float:
         return sum(p.seconds for p in self.phases.values())
@@ -70,6 +79,19 @@ class RunStats:
     def cache_hit(self) -> bool:
         """Whether the inversion and all the features the request injects came from the cache."""
         return self.cache is CacheUse.HIT
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Time the block as the phase `name`, logged as PhaseTimer logs the engine's phases: for work after the
+        engine has returned, with no UNet and nothing queued on the device (the front ends' MP4 encoding)."""
+        logger.info("%s ...", name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            phase = self.phases[name]
+            phase.seconds += time.perf_counter() - start
+            logger.info("%s done: %.2f s, %d UNet evals", name, phase.seconds, phase.unet_evals)
 
     def notes(self) -> list[str]:
         """What the request did, a phrase each: its source, its mask, and its retries."""
@@ -144,8 +166,10 @@ class PhaseTimer:
     device: torch.device
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        logger.info("%s ...", name)
+    def phase(self, name: str, log: bool = True) -> Iterator[None]:
+        """Time the block as (part of) the phase `name`, logged unless `log` is false (a video's passes)."""
+        if log:
+            logger.info("%s ...", name)
         start, evals = time.perf_counter(), self.unet.evals
         try:
             yield
@@ -155,4 +179,5 @@ class PhaseTimer:
             phase = self.stats.phases[name]
             phase.seconds += time.perf_counter() - start
             phase.unet_evals += self.unet.evals - evals
-            logger.info("%s done: %.2f s, %d UNet evals", name, phase.seconds, phase.unet_evals)
+            if log:
+                logger.info("%s done: %.2f s, %d UNet evals", name, phase.seconds, phase.unet_evals)

@@ -28,6 +28,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pnp import InputError, NonFiniteError, PnPConfig, PnPEngine
 from pnp.automask import MASK_NOISES, AutoMasks, mask_timestep, noise_differences, threshold
+from pnp.prompts import encode_prompts
 from pnp.source import SourceLatents
 from pnp.stats import PhaseTimer, RunStats
 from tests.helpers import HORSE, config, horse_at, nan_unet_hook, pixels
@@ -40,13 +41,13 @@ def prepared_source(engine: PnPEngine, request: PnPConfig, image=None) -> Source
     engine.check_inputs(request, image, None)
     timer = PhaseTimer(RunStats(), engine.model.injection_unet, engine.model.device)
     run = engine.plan_run(engine.load_request(request, image, None, timer), timer)
-    return engine.prepare_source(run, engine.encode_prompts(request))
+    return engine.prepare_source(run, encode_prompts(engine.model, request))
 
 
 def engine_masks(engine: PnPEngine, request: PnPConfig, image=None) -> AutoMasks:
     """The masks the engine computes for `request`: the source's text against each prompt."""
     source = prepared_source(engine, request, image)
-    embeddings = engine.encode_prompts(request)
+    embeddings = encode_prompts(engine.model, request)
     texts = torch.cat([embeddings.source, embeddings.targets])
     seed = request.seed if request.seed is not None else 0
     return threshold(

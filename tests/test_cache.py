@@ -143,7 +143,7 @@ def test_the_float32_retry_serves_later_half_precision_requests(bf16_engine: PnP
         handle.remove()
     assert calls.get(torch.bfloat16, 0) > 0 and calls.get(torch.float32, 0) > 0  # failed, then ran again
     assert [image.size for image in result.images] == [(128, 128)] and pixels(result.images[0]).std() > 0  # not black
-    retries = [r for r in pnp_logs.records if r.name == "pnp.engine" and r.levelno == logging.WARNING]
+    retries = [r for r in pnp_logs.records if r.name == "pnp.models" and r.levelno == logging.WARNING]
     assert any("float32" in r.getMessage() for r in retries)
     assert model_dtypes(bf16_engine) == {torch.bfloat16}  # back in its own dtype
     # The stats are the request's cost: both runs, the retry's inversion after the failed one.

@@ -1,0 +1,212 @@
+"""Consistent video edits with the same Plug-and-Play features (SPEC 7.3-7.4; docs/algorithm.md §11): TokenFlow
+(Geyer, Bar-Tal, Bagon, Dekel, ICLR 2024, arXiv 2307.10373) on the engine's own injection.
+
+Each sampling step edits one keyframe per group of frames jointly, every target branch's self-attention
+extended over all keyframes; then every frame takes its self-attention output from the keyframes' outputs
+at the positions whose source tokens match its own (a nearest-neighbour field), blended between the two
+nearest groups' keyframes. `FrameAttention` is the processor of every attn1 during a step, `VideoDenoiser`
+the step: (frames' latents, step i) -> each frame's guided ε, for every prompt at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from .injection import RESNET_KEY, InjectionSteps, InjectionUNet, attend
+from .schedules import NoiseSchedule, device_timesteps
+from .stats import PhaseTimer
+from .translation import Guidance
+
+KEYFRAME_SOURCE, KEYFRAME_TARGETS, GROUP_SOURCE, GROUP_TARGETS = "keyframe source", "keyframes", "group source", "group"
+
+
+def frame_groups(num_frames: int, keyframe_interval: int) -> list[range]:
+    """Groups of `keyframe_interval` consecutive frames; the last may be shorter (no frame is dropped)."""
+    return [
+        range(start, min(start + keyframe_interval, num_frames)) for start in range(0, num_frames, keyframe_interval)
+    ]
+
+
+def draw_keyframes(groups: list[range], keyframe_interval: int, seed: int, num_steps: int) -> list[list[int]]:
+    """Each step's keyframes, one a group (SPEC 7.3): r = randint(B, (G,)) drawn anew each step from one CPU
+    generator seeded with `seed`, k_g = gB + (r_g mod |group g|)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    draws = []
+    for _ in range(num_steps):
+        offsets = torch.randint(keyframe_interval, (len(groups),), generator=generator).tolist()
+        draws.append([group.start + offset % len(group) for group, offset in zip(groups, offsets, strict=True)])
+    return draws
+
+
+@dataclass
+class FrameAttention:
+    """What every attn1 does in the pass under way (SPEC 7.4), and what the passes hand on per layer: the
+    keyframes' source attn1 inputs S (G, n, C), their attn1 outputs A (1 + U, G, n, C): the source first, then
+    U target units (branch, prompt), and the current group's nearest keyframe positions."""
+
+    unet: InjectionUNet
+    mode: str = KEYFRAME_SOURCE
+    units: int = 1
+    group: int = 0
+    blend: torch.Tensor | None = None  # w per frame of the current group (g > 0)
+    sources: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    nearest: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    def processor(self, layer: str, site: str | None) -> _LayerProcessor:
+        return _LayerProcessor(self, layer, site)
+
+    def keyframes(self, layer: str, site: str | None, attn: Attention, hidden: torch.Tensor) -> torch.Tensor:
+        """A keyframe pass: the source attends within its frame (S and A kept); each target unit's rows
+        attend to all its keyframes' keys and values (extended attention), queries and keys injected at
+        the eight sites where the step injects them."""
+        if site is None:
+            query, key = attn.to_q(hidden), attn.to_k(hidden)
+        else:
+            query = self.unet.site_projection(f"{site}.attn1.to_q", attn.to_q, hidden)
+            key = self.unet.site_projection(f"{site}.attn1.to_k", attn.to_k, hidden)
+        value = attn.to_v(hidden)
+        if self.mode == KEYFRAME_SOURCE:
+            output = attend(attn, query, key, value)
+            self.sources[layer] = hidden
+            self.outputs[layer] = [output]
+            return output
+        rows, positions, channels = hidden.shape
+        units = [t.reshape(self.units, (rows // self.units) * positions, -1) for t in (query, key, value)]
+        output = attend(attn, *units).reshape(rows, positions, -1)
+        self.outputs[layer].append(output.reshape(self.units, rows // self.units, positions, -1))
+        return output
+
+    def propagate(self, layer: str, hidden: torch.Tensor) -> torch.Tensor:
+        """A group pass: attn1 is not computed; each frame's output at position j is the keyframes' output at
+        the position nearest its source token (found in the source pass, used by every branch)."""
+        if self.mode == GROUP_SOURCE:
+            self.nearest[layer] = self._nearest_positions(hidden, self.sources[layer])
+            outputs = self.outputs[layer][0].unsqueeze(0)
+        else:
+            outputs = self.outputs[layer][1]
+        first, second = self.nearest[layer]
+        blended = outputs[:, self.group][:, first]
+        if second is not None:
+            weight = self.blend.to(blended.dtype)[None, :, None, None]
+            blended = weight * blended + (1 - weight) * outputs[:, self.group - 1][:, second]
+        return blended.flatten(0, 1)
+
+    def _nearest_positions(self, hidden: torch.Tensor, keyframes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """n1 (frames, n): for each frame's token, the position of the most cosine-similar token of this group's
+        keyframe; n2 likewise in the previous group's (None for the first group)."""
+        tokens = F.normalize(hidden.float(), dim=-1)
+
+        def nearest(keyframe: torch.Tensor) -> torch.Tensor:
+            return (tokens @ F.normalize(keyframe.float(), dim=-1).T).argmax(dim=-1)
+
+        previous = nearest(keyframes[self.group - 1]) if self.group > 0 else None
+        return nearest(keyframes[self.group]), previous
+
+
+@dataclass
+class _LayerProcessor:
+    """The attention processor of one attn1 layer during a video step: it asks the step's `FrameAttention`."""
+
+    frames: FrameAttention
+    layer: str
+    site: str | None
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.frames.mode in (KEYFRAME_SOURCE, KEYFRAME_TARGETS):
+            return self.frames.keyframes(self.layer, self.site, attn, hidden_states)
+        return self.frames.propagate(self.layer, hidden_states)
+
+
+@dataclass
+class VideoDenoiser:
+    """(latents (P, F, C, h, w), step i) -> the guided ε of every frame and prompt at step i (SPEC 7.4).
+
+    `source_latents[i]` is z_src of every frame at t_i (F, C, h, w); `keyframes[i]` the step's keyframes, one
+    per group of `groups`. The source branch runs with E("") (`guidance.unconditional`); the target branches
+    are `guidance`'s, ResNet features injected at i < n_f and attention at i < n_a as `injection_steps` says.
+    `timer` times the keyframe passes and the group passes as the phases "keyframes" and "groups".
+    """
+
+    unet: InjectionUNet
+    schedule: NoiseSchedule
+    timesteps: Sequence[int]
+    guidance: Guidance
+    injection_steps: InjectionSteps
+    source_latents: list[torch.Tensor]
+    groups: list[range]
+    keyframes: list[list[int]]
+    timer: PhaseTimer
+    _device_timesteps: list[torch.Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._device_timesteps = device_timesteps(list(self.timesteps), self.guidance.conditional.device)
+
+    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        branches = self.guidance.branches(step)
+        frames = FrameAttention(self.unet, units=len(branches) * self.guidance.count)
+        with self.unet.self_attention_processors(frames.processor):
+            with self.timer.phase("keyframes", log=False):
+                self._keyframe_pass(frames, x, step)
+            with self.timer.phase("groups", log=False):
+                outputs = [self._group_pass(frames, x, step, g) for g in range(len(self.groups))]
+        eps_by_branch = torch.cat(outputs, dim=2)  # (branches, P, F, C, h, w)
+        alpha_bar = self.schedule.alpha_bar(self.timesteps[step])
+        eps = {b: self.schedule.epsilon(out, x, alpha_bar) for b, out in zip(branches, eps_by_branch, strict=True)}
+        return self.guidance.combine(eps, step)
+
+    def _run(self, frames: FrameAttention, step: int, rows: list[int], latents: torch.Tensor, keyframes: bool):
+        """The source branch of frames `rows` (z_src, E("")), its features captured, then every target branch of
+        them on `latents` (P, |rows|, C, h, w) with those features injected: each target row's UNet output."""
+        unet, timestep, branches = self.unet, self._device_timesteps[step], self.guidance.branches(step)
+        frames.mode = KEYFRAME_SOURCE if keyframes else GROUP_SOURCE
+        with unet.capturing() as captured:
+            unet(
+                self.source_latents[step][rows].to(unet.dtype),
+                timestep,
+                self.guidance.unconditional.expand(len(rows), -1, -1),
+            )
+        frames.mode = KEYFRAME_TARGETS if keyframes else GROUP_TARGETS
+        injected = self._injected(captured, step, frames.units)
+        texts = self.guidance.text(branches).repeat_interleave(len(rows), dim=0)
+        targets = latents.repeat(len(branches), 1, 1, 1, 1).flatten(0, 1).to(unet.dtype)
+        return unet(targets, timestep, texts, injected)
+
+    def _injected(self, captured: dict[str, torch.Tensor], step: int, units: int) -> dict[str, torch.Tensor]:
+        """The source's features, repeated for every target unit's rows: ResNet at i < n_f, the sites' queries
+        and keys (captured in a keyframe pass only: a group pass computes no attention) at i < n_a."""
+        steps = self.injection_steps
+        injected = {
+            key: value
+            for key, value in captured.items()
+            if step < (steps.feature_injection_steps if key == RESNET_KEY else steps.attention_injection_steps)
+        }
+        return {key: value.repeat(units, *[1] * (value.dim() - 1)) for key, value in injected.items()}
+
+    def _keyframe_pass(self, frames: FrameAttention, x: torch.Tensor, step: int) -> None:
+        """The step's keyframes, every target branch's attention extended over all of them: what the group
+        passes take their attention outputs from (its noise predictions are not used)."""
+        keyframes = self.keyframes[step]
+        self._run(frames, step, keyframes, x[:, keyframes], keyframes=True)
+
+    def _group_pass(self, frames: FrameAttention, x: torch.Tensor, step: int, g: int) -> torch.Tensor:
+        """Group g's frames: each target branch's UNet output (branches, P, |group|, C, h, w)."""
+        group = self.groups[g]
+        frames.group, frames.blend = g, None
+        if g > 0:
+            # w = sigmoid(d2 / (d1 + d2)), d1 and d2 the frame's distances to both groups' centres.
+            near = torch.tensor([abs(f - self._centre(g)) for f in group], dtype=torch.float32)
+            far = torch.tensor([abs(f - self._centre(g - 1)) for f in group], dtype=torch.float32)
+            frames.blend = torch.sigmoid(far / (near + far)).to(x.device)
+        output = self._run(frames, step, list(group), x[:, group.start : group.stop], keyframes=False)
+        return output.unflatten(0, (-1, self.guidance.count, len(group)))
+
+    def _centre(self, g: int) -> int:
+        """c_g = gB + B // 2, B = keyframe_interval (the first group's length whenever there are two)."""
+        interval = len(self.groups[0])
+        return g * interval + interval // 2

@@ -1,0 +1,191 @@
+"""Video requests through the engine (SPEC 7; pnp/video.py, pnp/tokenflow.py): a one-frame video and a video of
+identical frames against the image path, the keyframes' draws, seeds, several prompts at once, the counted UNet
+evaluations new and cached, the refusals that come before any UNet work, and a naive implementation of SPEC
+7.3-7.4 (tests/tokenflow_reference.py) against the engine. The test videos are made here with
+PyAV (`pnp.video_io.save_video`), from crops of the example image: natural content, no flat repeated regions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pnp import InputError, PnPConfig, PnPEngine
+from pnp.image_io import decoded_to_pixels, pixels_to_images
+from pnp.prompts import encode_prompts
+from pnp.schedules import negative_prompt_weights
+from pnp.tokenflow import draw_keyframes, frame_groups
+from pnp.video_io import load_video, save_video
+from tests.helpers import HORSE, config, pixels
+from tests.tokenflow_reference import ReferenceSchedule, ReferenceSettings, ReferenceTexts, reference_video_latents
+
+VIDEO = {"keyframe_interval": 2, "video_frames": 40}
+
+
+def horse_frames(count: int, shift: int = 6) -> list[Image.Image]:
+    """`count` 128x128 crops of the example image, each `shift` pixels further right."""
+    horse = Image.open(HORSE).convert("RGB").resize((160 + count * shift, 160))
+    return [horse.crop((i * shift, 16, i * shift + 128, 144)) for i in range(count)]
+
+
+def write_video(directory: Path, frames: list[Image.Image], fps: float = 8) -> Path:
+    return save_video(frames, directory / f"clip-{len(frames)}-{abs(hash(frames[-1].tobytes()))}.mp4", fps)
+
+
+def video_config(**values) -> PnPConfig:
+    return config(**{**VIDEO, **values})
+
+
+def decoded_frames(path: Path) -> list[Image.Image]:
+    """The frames as the engine reads them (H.264 is lossy: the image path must see the same pixels)."""
+    return load_video(path, 40, 0).frames
+
+
+def max_difference(first: Image.Image, second: Image.Image) -> int:
+    return int(np.abs(pixels(first) - pixels(second)).max())
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five distinct frames: groups of 2, 2 and 1 at keyframe_interval 2."""
+    return write_video(tmp_path_factory.mktemp("video"), horse_frames(5))
+
+
+def test_a_one_frame_video_is_the_image_path(engine: PnPEngine, tmp_path: Path):
+    path = write_video(tmp_path, horse_frames(1))
+    request = video_config(translation_prompts="a robot horse; a zebra", inversion_prompt="one frame")
+    video = engine(request, video=path)
+    (frame,) = decoded_frames(path)
+    image = engine(request, frame)
+    assert video.images == [] and [len(frames) for frames in video.videos] == [1, 1] and video.fps == 8
+    for (edited,), expected in zip(video.videos, image.images, strict=True):
+        assert max_difference(edited, expected) <= 1
+
+
+def test_identical_frames_each_get_the_image_paths_edit(engine: PnPEngine, tmp_path: Path):
+    """Every keyframe and every nearest neighbour is the same frame: each frame is the image's edit."""
+    frame = horse_frames(1)[0]
+    path = write_video(tmp_path, [frame] * 5)
+    request = video_config(translation_prompts="a robot horse", inversion_prompt="identical")
+    (video,) = engine(request, video=path).videos
+    image = engine(request, decoded_frames(path)[0]).images[0]
+    assert len(video) == 5
+    assert max(max_difference(edited, image) for edited in video) <= 1
+
+
+def test_the_keyframes_are_spec_draws():
+    """SPEC 7.3: one generator seeded once, r = randint(B, (G,)) a step, k_g = gB + (r_g mod |group g|)."""
+    groups = frame_groups(10, 4)
+    assert groups == [range(0, 4), range(4, 8), range(8, 10)]
+    draws = draw_keyframes(groups, 4, seed=7, num_steps=3)
+    generator = torch.Generator("cpu").manual_seed(7)
+    for keyframes in draws:
+        r = torch.randint(4, (3,), generator=generator)
+        assert keyframes == [0 + int(r[0]) % 4, 4 + int(r[1]) % 4, 8 + int(r[2]) % 2]
+    assert all(8 <= keyframes[2] <= 9 for keyframes in draws)  # the short last group keeps its own frames
+    # With F a multiple of B, TokenFlow's pivotal_idx under torch.manual_seed(seed).
+    torch.manual_seed(3)
+    pivots = [(torch.randint(4, (2,)) + torch.arange(0, 8, 4)).tolist() for _ in range(3)]
+    assert draw_keyframes(frame_groups(8, 4), 4, seed=3, num_steps=3) == pivots
+
+
+def test_the_seed_draws_the_keyframes(engine: PnPEngine, clip: Path):
+    request = video_config(translation_prompts="a robot horse", seed=1)
+    first, again = engine(request, video=clip).videos[0], engine(request, video=clip).videos[0]
+    other = engine(request.replace(seed=2), video=clip).videos[0]
+    assert all(max_difference(a, b) == 0 for a, b in zip(first, again, strict=True))
+    assert max(max_difference(a, b) for a, b in zip(first, other, strict=True)) > 1
+
+
+def test_several_prompts_equal_one_prompt_at_a_time(engine: PnPEngine, clip: Path):
+    request = video_config(translation_prompts="a robot horse; a zebra", negative_prompt="blurry")
+    together = engine(request, video=clip).videos
+    for prompt, frames in zip(request.translation_prompts, together, strict=True):
+        (alone,) = engine(request.replace(translation_prompts=prompt), video=clip).videos
+        assert max(max_difference(a, b) for a, b in zip(frames, alone, strict=True)) <= 1
+
+
+@pytest.mark.parametrize("negative", ["", "blurry"])
+def test_the_unet_evaluations_are_spec_5s(engine: PnPEngine, tmp_path: Path, negative: str):
+    """F·M + N·(G + F)·(1 + b·P) on a new video, N·(G + F)·(1 + b·P) on the same video again; b = 3 with a
+    negative prompt whose constant weight 0.5 keeps both the unconditional and the negative branch."""
+    path = write_video(tmp_path, horse_frames(3, shift=5))  # F = 3, B = 2: G = 2
+    request = video_config(
+        translation_prompts="a robot horse; a zebra",
+        negative_prompt=negative,
+        negative_prompt_schedule="constant",
+        negative_prompt_alpha=0.5,
+        inversion_prompt=f"counted {negative}",
+    )
+    frames, groups, steps, prompts, branches = 3, 2, 10, 2, 3 if negative else 2
+    sampling = steps * (groups + frames) * (1 + branches * prompts)
+    new = engine(request, video=path).stats
+    assert new.phases["inversion"].unet_evals == frames * 10 and new.cache == "new"
+    assert new.phases["keyframes"].unet_evals == steps * groups * (1 + branches * prompts)
+    assert new.unet_evals == frames * 10 + sampling
+    cached = engine(request.replace(translation_prompts="a cat; a dog"), video=path).stats
+    assert cached.cache_hit and cached.unet_evals == sampling
+
+
+@pytest.mark.parametrize(
+    ("others", "named"),
+    [
+        ({"image": HORSE}, "input_image"),
+        ({"config": {"generation_prompt": "a horse"}}, "generation_prompt"),
+        ({"image": None, "mask": HORSE}, "mask"),
+        ({"config": {"auto_mask": True}}, "auto_mask"),
+    ],
+)
+def test_a_video_with_another_source_or_a_mask_is_refused_before_any_work(
+    engine: PnPEngine, clip: Path, others: dict, named: str
+):
+    evals = engine.unet_evals
+    request = video_config(**others.get("config", {}))
+    with pytest.raises(InputError, match=f"input_video: cannot be used together with {named}"):
+        engine(request, others.get("image"), mask=others.get("mask"), video=clip)
+    assert engine.unet_evals == evals
+
+
+def test_a_file_that_is_not_a_video_is_refused_before_any_work(engine: PnPEngine, tmp_path: Path):
+    evals = engine.unet_evals
+    not_a_video = tmp_path / "notes.mp4"
+    not_a_video.write_text("not a video")
+    with pytest.raises(InputError, match="input_video"):
+        engine(video_config(), video=not_a_video)
+    assert engine.unet_evals == evals
+
+
+def test_the_engine_equals_a_naive_implementation_of_spec_7(engine: PnPEngine, clip: Path):
+    """tests/tokenflow_reference.py (loops over frames, rows and positions, plain softmax attention) on the
+    engine's own inversion: 2 prompts, groups of 2, 2 and 1 frames, a negative prompt; within 1 grey level."""
+    request = video_config(
+        translation_prompts="a robot horse; a zebra",
+        negative_prompt="blurry",
+        inversion_prompt="reference",
+        seed=5,
+    )
+    result = engine(request, video=clip)
+    ((_, entry),) = [(key, entry) for key, entry in engine.cache.items() if key.inversion_prompt == "reference"]
+    embeddings = encode_prompts(engine.model, request)
+    steps = request.num_inference_steps
+    weights = negative_prompt_weights(request.negative_prompt_schedule, request.negative_prompt_alpha, steps)
+    latents = reference_video_latents(
+        engine.model.unet,
+        ReferenceSchedule.from_scheduler_config(engine.model.scheduler_config, steps),
+        entry.latents,
+        ReferenceTexts(embeddings.unconditional, embeddings.targets, embeddings.negative),
+        ReferenceSettings(
+            scale=request.scale,
+            negative_prompt_weights=tuple(weights),
+            feature_steps=request.feature_injection_steps,
+            attention_steps=request.attention_injection_steps,
+            keyframe_interval=request.keyframe_interval,
+            seed=5,
+        ),
+    )
+    for frames, prompt_latents in zip(result.videos, latents, strict=True):
+        expected = pixels_to_images(decoded_to_pixels(engine.model.decode_latents(prompt_latents, 8)))
+        assert max(max_difference(a, b) for a, b in zip(frames, expected, strict=True)) <= 1
