@@ -19,7 +19,7 @@ from cog import BaseRunner, Input, Path
 
 from pnp.config import PnPConfig, check_output_format
 from pnp.engine import PnPEngine
-from pnp.frontend import LatestOutputs
+from pnp.frontend import LatestOutputs, write_videos
 from pnp.image_io import save_images
 
 logger = logging.getLogger("pnp.predict")
@@ -142,6 +142,28 @@ class Predictor(BaseRunner):
             default=False,
             description="Edit only where each prompt differs from the source: a mask per prompt, computed from where the prompt changes the model's noise prediction against the source's description (DiffEdit). Describe the input image in inversion_prompt (in generation mode, generation_prompt describes it). Helps local edits of an object; a global restyle needs no mask. Not with mask.",
         ),
+        input_video: Optional[Path] = Input(
+            default=None,
+            description="A video to edit instead of an image (any container and codec FFmpeg reads: mp4, mov, webm, mkv, gif), consistently across its frames (TokenFlow). Returns one H.264 MP4 per prompt; output_format applies to images only. Not with input_image, generation_prompt, mask or auto_mask.",
+        ),
+        video_frames: int = Input(
+            default=40,
+            ge=1,
+            le=200,
+            description="With input_video: the most frames to edit, from the video's start (at video_fps).",
+        ),
+        video_fps: float = Input(
+            default=0.0,
+            ge=0.0,
+            le=60.0,
+            description="With input_video: frames per second to take from the video and to write; 0 keeps the video's own rate. Otherwise between 1 and 60.",
+        ),
+        keyframe_interval: int = Input(
+            default=8,
+            ge=1,
+            le=16,
+            description="With input_video: frames per group. At each step one keyframe a group is edited jointly with the others, and every frame takes its edit from the keyframes (TokenFlow); smaller is more faithful to each frame and costs more.",
+        ),
     ) -> list[Path]:
         # Validate everything before any work, also for callers that bypass Cog's schema.
         config = PnPConfig.from_mapping(
@@ -160,11 +182,20 @@ class Predictor(BaseRunner):
                 "image_size": image_size,
                 "seed": seed,
                 "auto_mask": auto_mask,
+                "video_frames": video_frames,
+                "video_fps": video_fps,
+                "keyframe_interval": keyframe_interval,
             }
         )
         check_output_format(output_format)
 
-        result = self.engine(config, image=input_image, mask=mask)
+        # The engine refuses a video with another source or a mask, naming input_video.
+        result = self.engine(config, image=input_image, mask=mask, video=input_video)
+        out_dir = self.outputs.fresh()
+        if input_video is not None:
+            paths = write_videos(result, out_dir)  # before the summary: it shows the encoding's seconds
+        else:
+            paths = save_images(result.images, out_dir, output_format)
 
         if result.seed is not None:
             print(f"seed: {result.seed}", flush=True)
@@ -172,4 +203,4 @@ class Predictor(BaseRunner):
         # The prediction's metrics in the API response, beside Cog's own predict_time.
         for name, value in result.stats.metrics().items():
             self.record_metric(name, value)
-        return [Path(path) for path in save_images(result.images, self.outputs.fresh(), output_format)]
+        return [Path(path) for path in paths]

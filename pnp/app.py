@@ -2,12 +2,12 @@
 
 Its controls are made from the one table of public inputs (`PUBLIC_INPUTS`), so each has the input's name,
 its description as help text, its default and its bounds; the API (`/run`) names its parameters likewise.
-`input_image` is an image editor whose brush paints the mask (painted edits, the rest keeps the image).
-"Run" fills the "output" gallery with the images `Predictor.run` returns, in its order, the automatic masks
-beside them, and a line with the request's seconds, UNet evaluations and where its source came from
-(`RunStats.headline`). The engine's own progress reporting (`pnp.progress.reporting_to`) drives the progress
-bar; requests run one at a time, the others wait in Gradio's queue. Bad input shows the engine's message,
-which names the input.
+`input_image` is an image editor whose brush paints the mask (painted edits, the rest keeps the image);
+`input_video` takes a video to edit instead (SPEC 7). "Run" fills the "output" gallery with the files
+`Predictor.run` returns, in its order (the images, or one MP4 per prompt), the automatic masks beside them,
+and a line with the request's seconds, UNet evaluations and where its source came from (`RunStats.headline`).
+The engine's own progress reporting (`pnp.progress.reporting_to`) drives the progress bar; requests run one at
+a time, the others wait in Gradio's queue. Bad input shows the engine's message, which names the input.
 
 Serving many users is the Cog container's job: the page binds to 127.0.0.1 unless `--host` says otherwise.
 """
@@ -27,7 +27,7 @@ from PIL import Image
 from .config import PUBLIC_INPUTS, InputSpec, PnPConfig
 from .engine import PnPEngine
 from .errors import InputError, PnPError
-from .frontend import LatestOutputs, add_model_options, load_engine, log_to_stderr
+from .frontend import LatestOutputs, add_model_options, load_engine, log_to_stderr, write_videos
 from .image_io import load_image, save_images
 from .progress import reporting_to
 
@@ -39,6 +39,11 @@ INPUT_IMAGE_HELP = (
     "input_image: the image to edit (ignored when generation_prompt is set). Paint with the brush where the "
     "prompts may edit: the painted region is the mask, the rest keeps the image exactly; nothing painted "
     "edits everywhere."
+)
+INPUT_VIDEO_HELP = (
+    "input_video: a video to edit instead of an image (mp4, mov, webm, mkv, gif), consistently across its frames; "
+    "one MP4 per prompt. Not with input_image, generation_prompt, a painted mask or auto_mask; video_frames, "
+    "video_fps and keyframe_interval are under advanced."
 )
 
 
@@ -114,11 +119,12 @@ class App:
     def run(
         self,
         input_image: dict[str, Any] | None = None,
+        input_video: str | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio fills it in, recognising the default)
         **inputs: Any,
     ) -> tuple[list[str], list[Image.Image], str]:
-        """One request: the editor's image and mask and the controls' values, by the public inputs' names
-        -> (output, masks, status)."""
+        """One request: the editor's image and mask, the video's path and the controls' values, by the public
+        inputs' names -> (output, masks, status)."""
         output_format = inputs.pop("output_format")
         image, mask = editor_to_image_and_mask(input_image)
         inputs["seed"] = parse_seed(inputs["seed"])
@@ -127,11 +133,16 @@ class App:
             if config.generation_mode:
                 image = mask = None  # as in the schema: a generation prompt ignores input_image
             with reporting_to(lambda phase, done, total: progress((done, total), desc=phase)):
-                result = self.engine(config, image, mask=mask)
+                # The engine refuses a video with an image, a generation prompt or a mask, naming input_video.
+                result = self.engine(config, image, mask=mask, video=input_video)
         except PnPError as error:
             raise gr.Error(str(error)) from None
-        paths = [str(path) for path in save_images(result.images, self.outputs.fresh(), output_format)]
-        return paths, result.masks, result.stats.headline()
+        out_dir = self.outputs.fresh()
+        if input_video is not None:
+            paths = write_videos(result, out_dir)  # before the headline: it counts the encoding's seconds
+        else:
+            paths = save_images(result.images, out_dir, output_format)
+        return [str(path) for path in paths], result.masks, result.stats.headline()
 
 
 def build_page(engine: PnPEngine) -> gr.Blocks:
@@ -154,6 +165,8 @@ def build_page(engine: PnPEngine) -> gr.Blocks:
                     )
                 )
                 gr.Markdown(INPUT_IMAGE_HELP)
+                video = gr.Video(label="input_video", sources=["upload"], elem_id="input_video")
+                gr.Markdown(INPUT_VIDEO_HELP)
                 controls = {name: control(name, PUBLIC_INPUTS[name]) for name in MAIN_INPUTS}
                 with gr.Accordion("advanced", open=False):
                     controls.update(
@@ -169,10 +182,11 @@ def build_page(engine: PnPEngine) -> gr.Blocks:
             inputs=[editor, controls["translation_prompts"]],
             label="example",
         )
-        # By name: the API's parameters are the public inputs' (input_image, then the schema's order).
+        # By name: the API's parameters are the public inputs' (the two sources, then the schema's order).
+        sources = {"input_image": editor, "input_video": video}
         run.click(
             app.run,
-            inputs_kwargs={"input_image": editor, **{name: controls[name] for name in PUBLIC_INPUTS}},
+            inputs_kwargs={**sources, **{name: controls[name] for name in PUBLIC_INPUTS}},
             outputs=[output, masks, status],
             api_name="run",
             concurrency_limit=1,

@@ -6,6 +6,9 @@ With `--generation_prompt TEXT` (or a preset that sets it) the image is left out
 generated. Every public input is an option of the same name (`--auto_mask` is a flag); a preset (a YAML
 file or a name in configs/) gives the values that are not on the command line. `--save-masks` writes each
 prompt's automatic mask beside its image.
+
+A source whose suffix names a video container (VIDEO_SUFFIXES), or any file with `--video`, is a video
+(SPEC 7): one MP4 per prompt, out-K.mp4, and with `--save-frames` each prompt's frames as PNG.
 """
 
 from __future__ import annotations
@@ -13,33 +16,51 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import INPUTS, OUTPUT_FORMAT, PnPConfig, load_preset
+from .engine import PnPResult
 from .errors import InputError, PnPError
-from .frontend import add_model_options, load_engine, log_to_stderr
+from .frontend import add_model_options, load_engine, log_to_stderr, write_videos
 from .image_io import save_images, save_masks
+from .video_io import save_frames
+
+# The containers taken for a video by their suffix. A GIF stays an image, as it always was here (Pillow reads its
+# first frame): `--video` edits an animated GIF's frames, or those of a container with another suffix.
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"})
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pnp",
-        description="Edit an image with text by Plug-and-Play diffusion feature injection.",
+        description="Edit an image or a video with text by Plug-and-Play diffusion feature injection.",
         epilog='Examples: pnp examples/horse.jpg "a photo of a robot horse; a horse made of lego" '
-        '--out outputs | pnp --generation_prompt "a photo of a horse" "a robot horse" --out outputs',
+        '--out outputs | pnp --generation_prompt "a photo of a horse" "a robot horse" --out outputs | '
+        'pnp examples/wolf.mp4 "a robot wolf" --out outputs',
     )
     parser.add_argument(
         "inputs",
         nargs="+",
-        metavar="[IMAGE] PROMPTS",
-        help="the image (unless generating) and the ';'-separated target prompts",
+        metavar="[IMAGE|VIDEO] PROMPTS",
+        help="the image or video (unless generating) and the ';'-separated target prompts",
     )
-    parser.add_argument("--out", default="outputs", help="directory for the images (default: outputs)")
+    parser.add_argument("--out", default="outputs", help="directory for the outputs (default: outputs)")
     parser.add_argument("--config", help="a preset: a YAML file, or real, generated or primitive from configs/")
     parser.add_argument("--mask", metavar="PATH", help="region to edit: white is edited, black keeps the image exactly")
     parser.add_argument(
         "--save-masks",
         action="store_true",
         help="with --auto_mask, also write each prompt's mask beside its image (out-K-mask.png: white edits)",
+    )
+    parser.add_argument(
+        "--video",
+        action="store_true",
+        help=f"edit the source as a video whatever its suffix (without it: {', '.join(sorted(VIDEO_SUFFIXES))})",
+    )
+    parser.add_argument(
+        "--save-frames",
+        action="store_true",
+        help="with a video, also write each prompt's frames as PNG (out-K-000.png, out-K-001.png, ...)",
     )
     parser.add_argument(
         "--output_format",
@@ -60,6 +81,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def usage_error(args: argparse.Namespace, config: PnPConfig) -> str | None:
+    """What is wrong with the command line's form, before any work: the positional arguments the config asks
+    for (a preset may carry the generation prompt), and flags that do not fit the request."""
+    expected = 1 if config.generation_mode else 2
+    if len(args.inputs) != expected:
+        usage = "PROMPTS (the source is generated)" if config.generation_mode else "IMAGE PROMPTS or VIDEO PROMPTS"
+        return f"expected {usage}, got {len(args.inputs)} positional arguments"
+    if args.save_masks and not config.auto_mask:
+        return "--save-masks saves the masks of --auto_mask, which is off"
+    if args.video and config.generation_mode:
+        return "--video edits a video given before the prompts; a generation prompt generates an image"
+    if args.save_frames and not is_video(args, config):
+        return "--save-frames saves a video's frames, and the source is no video (see --video)"
+    return None
+
+
+def is_video(args: argparse.Namespace, config: PnPConfig) -> bool:
+    """Whether the source (the first positional argument) is a video: by its suffix, or `--video`."""
+    if config.generation_mode:
+        return False
+    return args.video or Path(args.inputs[0]).suffix.lower() in VIDEO_SUFFIXES
+
+
+def write_outputs(result: PnPResult, args: argparse.Namespace) -> list[Path]:
+    """The request's files in `--out`: its images (and with --save-masks its masks), or one MP4 per prompt (and
+    with --save-frames its frames)."""
+    if result.videos:
+        paths = write_videos(result, args.out)
+        if args.save_frames:
+            for index, frames in enumerate(result.videos):
+                paths += save_frames(frames, args.out, prefix=f"out-{index}")
+        return paths
+    paths = save_images(result.images, args.out, args.output_format)
+    if args.save_masks:
+        # Each prompt's mask beside its image: after the generated source, if there is one.
+        paths += save_masks(result.masks, args.out, first_index=len(result.images) - len(result.masks))
+    return paths
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log_to_stderr()
@@ -70,27 +130,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    # Whether an image comes first is the config's to say: a preset may carry the generation prompt.
-    expected = 1 if config.generation_mode else 2
-    if len(args.inputs) != expected:
-        usage = "PROMPTS (the source is generated)" if config.generation_mode else "IMAGE PROMPTS"
-        print(f"error: expected {usage}, got {len(args.inputs)} positional arguments", file=sys.stderr)
+    error = usage_error(args, config)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.save_masks and not config.auto_mask:
-        print("error: --save-masks saves the masks of --auto_mask, which is off", file=sys.stderr)
-        return 2
+    source = None if config.generation_mode else args.inputs[0]
+    video = is_video(args, config)
     try:
         engine = load_engine(args)
-        result = engine(config, None if config.generation_mode else args.inputs[0], mask=args.mask)
+        result = engine(config, None if video else source, mask=args.mask, video=source if video else None)
     except PnPError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    for path in save_images(result.images, args.out, args.output_format):
+    for path in write_outputs(result, args):
         print(path)
-    if args.save_masks:
-        # Each prompt's mask beside its image: after the generated source, if there is one.
-        for path in save_masks(result.masks, args.out, first_index=len(result.images) - len(result.masks)):
-            print(path)
     if result.seed is not None:
         print(f"seed: {result.seed}")
     print(result.stats.summary())

@@ -1,16 +1,19 @@
 """What the command line, the web page and the Cog predictor share: the model options and loading the engine
-from them, the logging of the command line and the page, and the servers' one output directory at a time.
+from them, the logging of the command line and the page, writing a video request's MP4s, and the servers' one
+output directory at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from .engine import PnPEngine
+from .engine import PnPEngine, PnPResult
+from .video_io import save_videos
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +31,13 @@ def load_engine(args: argparse.Namespace) -> PnPEngine:
 def log_to_stderr() -> None:
     """Show the engine's INFO logs (its phases, seconds and UNet evaluations) on stderr, with time and logger."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def write_videos(result: PnPResult, out_dir: str | os.PathLike) -> list[Path]:
+    """A video request's output: each prompt's frames as out-K.mp4 in `out_dir` at the frames' rate. The seconds are
+    the request's phase "encode" (SPEC 7.5), so the logs' summary and the metrics show them: print those after."""
+    with result.stats.timed("encode"):
+        return save_videos(result.videos, out_dir, result.fps)
 
 
 class LatestOutputs:

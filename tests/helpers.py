@@ -25,6 +25,7 @@ from pnp import PnPConfig, PnPEngine
 from pnp.config import PUBLIC_INPUTS
 from pnp.image_io import decoded_to_pixels, image_to_tensor, pixels_to_images, prepare_image
 from pnp.injection import ATTENTION_SITES, RESNET_KEY, RESNET_SITE, locate_sites
+from pnp.video_io import save_video
 
 ROOT = Path(__file__).resolve().parent.parent
 HORSE = ROOT / "examples" / "horse.jpg"
@@ -54,11 +55,12 @@ def config(**values: Any) -> PnPConfig:
 
 def inputs(**overrides: Any) -> dict[str, Any]:
     """Every argument of the predictor's run() (called in-process, Cog's Input() defaults are FieldInfo
-    objects): the public inputs' defaults (png), no image or mask, FAST, then `overrides`."""
+    objects): the public inputs' defaults (png), no image, mask or video, FAST, then `overrides`."""
     return {
         "input_image": None,
         **{name: spec.default for name, spec in PUBLIC_INPUTS.items()},
         "mask": None,
+        "input_video": None,
         **FAST,
         **overrides,
     }
@@ -118,6 +120,12 @@ def png_declaring(width: int, height: int) -> bytes:
 def horse_at(image_size: int = 128) -> np.ndarray:
     """The example image's pixels at its working size."""
     return pixels(prepare_image(Image.open(HORSE).convert("RGB"), image_size))
+
+
+def write_horse_video(path: Path, frames: int = 4, fps: float = 8) -> Path:
+    """A 128x128 H.264 MP4 of `frames` distinct frames at `fps`: the example image panning 8 pixels a frame."""
+    horse = horse_at(128).astype(np.uint8)
+    return save_video([Image.fromarray(np.roll(horse, 8 * k, axis=1)) for k in range(frames)], path, fps)
 
 
 # --- the engine's internals ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import av
 import gradio as gr
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ from pnp import PnPEngine
 from pnp.app import build_page, editor_to_image_and_mask, parse_seed
 from pnp.app import main as app_main
 from pnp.config import PUBLIC_INPUTS
-from tests.helpers import HORSE, ROOT, free_port, horse_at, pixels, png_declaring
+from tests.helpers import HORSE, ROOT, free_port, horse_at, pixels, png_declaring, write_horse_video
 
 FAST = {"image_size": 128, "num_inference_steps": 10, "ddim_inversion_steps": 10}
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -79,6 +80,8 @@ def test_every_public_input_has_exactly_one_control_with_its_default_and_bounds(
             by_label.setdefault(label, []).append(block)
     (editor,) = by_label["input_image"]
     assert type(editor) is gr.ImageEditor
+    (video,) = by_label["input_video"]
+    assert type(video) is gr.Video and video.sources == ["upload"]
     assert [type(block).__name__ for block in by_label["output"]] == ["Gallery"]
     for name, spec in PUBLIC_INPUTS.items():
         (control,) = by_label[name]
@@ -148,9 +151,9 @@ def control_values(**inputs: Any) -> list[Any]:
     return list(values.values())
 
 
-def run_request(client: Client, editor: dict | None, **inputs: Any) -> tuple[list, list, str]:
-    """One "Run" through Gradio's client: the editor's value, then every control."""
-    return client.predict(editor, *control_values(**inputs), api_name="/run")
+def run_request(client: Client, editor: dict | None, video: Any = None, **inputs: Any) -> tuple[list, list, str]:
+    """One "Run" through Gradio's client: the editor's value, the video, then every control."""
+    return client.predict(editor, video, *control_values(**inputs), api_name="/run")
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +183,7 @@ def test_a_real_image_request(client: Client):
 def test_the_api_takes_the_inputs_by_name(client: Client):
     api = client.view_api(print_info=False, return_format="dict")
     names = [parameter["parameter_name"] for parameter in api["named_endpoints"]["/run"]["parameters"]]
-    assert names == ["input_image", *PUBLIC_INPUTS]
+    assert names == ["input_image", "input_video", *PUBLIC_INPUTS]
     editor = {"background": handle_file(str(HORSE)), "layers": [], "composite": None}
     output, _, status = client.predict(
         input_image=editor,
@@ -231,11 +234,31 @@ def test_a_generation_request_with_auto_mask(client: Client):
     assert "generated source, seed 3" in status and "auto_mask coverage" in status
 
 
+def test_a_video_request_gives_one_mp4_per_prompt(client: Client, tmp_path: Path):
+    video = handle_file(str(write_horse_video(tmp_path / "clip.mp4", frames=4, fps=8)))
+    output, masks, status = client.predict(
+        input_video=video, translation_prompts="a robot horse; a zebra", keyframe_interval=2, **FAST, api_name="/run"
+    )
+    assert len(output) == 2 and masks == []
+    for item in output:
+        assert item["video"].endswith(".mp4")
+        with av.open(item["video"]) as container:
+            stream = container.streams.video[0]
+            frames = list(container.decode(stream))
+            assert stream.codec_context.name == "h264" and stream.average_rate == 8
+        assert [(frame.width, frame.height) for frame in frames] == [(128, 128)] * 4
+    assert "UNet evaluations" in status and "inversion computed" in status
+    # With an image as well: the engine's refusal, naming input_video.
+    editor = {"background": handle_file(str(HORSE)), "layers": [], "composite": None}
+    with pytest.raises(AppError, match="input_video: cannot be used together with input_image"):
+        run_request(client, editor, video)
+
+
 def test_the_progress_follows_the_engines_phases(client: Client):
     # 50 steps, so that the request lasts long enough for the queue's status updates to be seen.
     values = control_values(num_inference_steps=50, ddim_inversion_steps=50, inversion_prompt="progress")
     editor = {"background": handle_file(str(HORSE)), "layers": [], "composite": None}
-    job = client.submit(editor, *values, api_name="/run")
+    job = client.submit(editor, None, *values, api_name="/run")
     phases = set()
     while not job.done():
         phases.update((p.desc, p.length) for p in job.status().progress_data or [])

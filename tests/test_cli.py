@@ -1,5 +1,5 @@
-"""The command line (pnp.cli): `pnp IMAGE PROMPTS --out DIR` (or `python -m pnp`), its generation form, its
-options (the inputs) and its exit codes."""
+"""The command line (pnp.cli): `pnp IMAGE PROMPTS --out DIR` (or `python -m pnp`), its generation and video forms,
+its options (the inputs) and its exit codes."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import pytest
 from PIL import Image
 
-from pnp.cli import build_parser, main
-from pnp.config import PUBLIC_INPUTS
-from tests.helpers import HORSE
+from pnp.cli import build_parser, is_video, main
+from pnp.config import PUBLIC_INPUTS, PnPConfig
+from tests.helpers import HORSE, write_horse_video
 
 FAST = ["--image_size", "128", "--num_inference_steps", "10", "--ddim_inversion_steps", "10", "--device", "cpu"]
 
@@ -118,6 +119,53 @@ def test_bad_input_is_an_error_naming_it(tiny_model_dir, tmp_path, capsys):
 def test_an_image_is_required_unless_generating(tiny_model_dir, tmp_path, capsys):
     assert main(["a cat", "--out", str(tmp_path), "--model", str(tiny_model_dir), *FAST]) == 2
     assert "IMAGE PROMPTS" in capsys.readouterr().err
+
+
+def test_a_video_gives_one_mp4_per_prompt_and_on_request_its_frames(tiny_model_dir, tmp_path, capsys):
+    clip = write_horse_video(tmp_path / "clip.mp4", frames=4, fps=8)
+    out = tmp_path / "out"
+    arguments = ["--out", str(out), "--model", str(tiny_model_dir), "--keyframe_interval", "2", *FAST]
+    code = main([str(clip), "a robot horse; a zebra", "--save-frames", *arguments])
+    printed = capsys.readouterr().out.splitlines()
+    assert code == 0
+    videos = [out / "out-0.mp4", out / "out-1.mp4"]
+    frames = [out / f"out-{k}-{index:03d}.png" for k in range(2) for index in range(4)]
+    assert printed[:10] == [str(path) for path in videos + frames]
+    assert sorted(out.iterdir()) == sorted(videos + frames)
+    for video in videos:
+        with av.open(str(video)) as container:
+            stream = container.streams.video[0]
+            decoded = list(container.decode(stream))
+            assert stream.codec_context.name == "h264" and stream.average_rate == 8
+        assert [(frame.width, frame.height) for frame in decoded] == [(128, 128)] * 4
+    assert all(Image.open(path).size == (128, 128) for path in frames)
+    assert any(line.startswith("encode ") for line in printed)  # the MP4s' writing is in the stats
+    # A video takes no mask: the engine's refusal, before any work.
+    assert main([str(clip), "a cat", "--mask", str(HORSE), *arguments[:4], *FAST]) == 1
+    assert "input_video: cannot be used together with mask" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "video"),
+    [
+        (["clip.mp4"], True),
+        (["CLIP.MOV"], True),
+        (["clip.webm"], True),
+        (["horse.jpg"], False),
+        (["animation.gif"], False),  # Pillow's first frame, as before
+        (["--video", "animation.gif"], True),
+        (["--generation_prompt", "a horse"], False),
+    ],
+)
+def test_the_source_is_a_video_by_its_suffix_or_by_the_video_flag(arguments, video):
+    args = build_parser().parse_args([*arguments, "a cat"])
+    assert is_video(args, PnPConfig(generation_prompt=args.generation_prompt or "")) is video
+
+
+def test_save_frames_needs_a_video(tiny_model_dir, tmp_path, capsys):
+    assert main([str(HORSE), "a cat", "--out", str(tmp_path / "none"), "--save-frames", *FAST]) == 2
+    assert "--save-frames saves a video's frames" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_runs_as_a_module(monkeypatch, capsys):

@@ -48,7 +48,12 @@ SCHEMA_ORDER = [
     "output_format",
     "mask",
     "auto_mask",
+    "input_video",
+    "video_frames",
+    "video_fps",
+    "keyframe_interval",
 ]
+FILES = ("input_image", "mask", "input_video")
 JSON_TYPES = {str: "string", float: "number", int: "integer", bool: "boolean"}
 
 
@@ -179,10 +184,10 @@ def _enum(schema: dict[str, Any], prop: dict[str, Any]) -> list[Any]:
 def test_inputs_are_specs_in_specs_order(properties: dict[str, Any]) -> None:
     assert list(properties) == SCHEMA_ORDER
     assert [properties[name]["x-order"] for name in SCHEMA_ORDER] == list(range(len(SCHEMA_ORDER)))
-    # The engine's inputs, in the same order: all but the two files and output_format.
-    assert list(INPUTS) == [name for name in SCHEMA_ORDER if name not in ("input_image", "output_format", "mask")]
-    # The front ends' table: every input but the two files, in the same order.
-    assert list(PUBLIC_INPUTS) == [name for name in SCHEMA_ORDER if name not in ("input_image", "mask")]
+    # The engine's inputs, in the same order: all but the files and output_format.
+    assert list(INPUTS) == [name for name in SCHEMA_ORDER if name not in (*FILES, "output_format")]
+    # The front ends' table: every input but the files, in the same order.
+    assert list(PUBLIC_INPUTS) == [name for name in SCHEMA_ORDER if name not in FILES]
 
 
 def test_no_input_is_required(schema: dict[str, Any]) -> None:
@@ -209,12 +214,12 @@ def test_each_input_has_its_specs_type_default_bounds_and_description(
     assert prop.get("maximum") == spec.maximum
 
 
-@pytest.mark.parametrize("name", ["input_image", "mask"])
+@pytest.mark.parametrize("name", FILES)
 def test_files_are_optional_uris_with_descriptions(properties: dict[str, Any], name: str) -> None:
-    image = properties[name]
-    assert image["type"] == "string" and image["format"] == "uri"
-    assert image["nullable"] is True and image.get("default") is None
-    assert image["description"]
+    file = properties[name]
+    assert file["type"] == "string" and file["format"] == "uri"
+    assert file["nullable"] is True and file.get("default") is None
+    assert file["description"]
 
 
 def test_output_is_a_list_of_files(schema: dict[str, Any]) -> None:

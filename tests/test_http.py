@@ -1,6 +1,7 @@
 """The Cog service through Cog's own HTTP server (coglet), as Replicate and `docker run` serve it: only what
 needs HTTP (the schema's 422s, the health check, webhooks, cancel, how results and failures reach the
-client, a masked request end to end). What the predictor does in-process is in tests/test_service.py.
+client, a masked request and a video request end to end). What the predictor does in-process is in
+tests/test_service.py.
 
 A module fixture starts `python -m cog.server.http` on 127.0.0.1 with the tiny random model on the
 CPU, once .cog/openapi_schema.json is written by script/openapi-schema (the server validates inputs
@@ -27,12 +28,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from tests.helpers import FAST, HORSE, ROOT, free_port, horse_at
+from tests.helpers import FAST, HORSE, ROOT, free_port, horse_at, write_horse_video
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 # Where coglet, the server of the cog SDK, keeps prediction files (fixed in its binary; a container's /tmp).
@@ -326,6 +328,30 @@ def test_auto_mask_prediction_reports_each_prompts_coverage(server: Server, hors
     # With a painted mask it is refused, naming both.
     refused = server.predict(input_image=horse_uri, mask=horse_uri, auto_mask=True, **FAST).json()
     assert refused["status"] == "failed" and "auto_mask: cannot be used together with mask" in refused["error"]
+
+
+def test_video_prediction_returns_one_mp4_per_prompt(server: Server, tmp_path: Path) -> None:
+    video = write_horse_video(tmp_path / "input.mp4", frames=4, fps=8)
+    response = server.predict(
+        input_video=_data_uri(video.read_bytes(), "video/mp4"), translation_prompts="a; b", keyframe_interval=2, **FAST
+    )
+    body = response.json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert len(body["output"]) == 2
+    for uri in body["output"]:
+        header, _, payload = uri.partition(",")
+        assert header == "data:video/mp4;base64", header
+        with av.open(io.BytesIO(base64.b64decode(payload))) as container:
+            stream = container.streams.video[0]
+            frames = list(container.decode(stream))
+            assert stream.codec_context.name == "h264" and stream.average_rate == 8
+        assert [(frame.width, frame.height) for frame in frames] == [(128, 128)] * 4
+    # The MP4s' writing is a phase of its own, in the logs' summary and the metrics.
+    phases = body["metrics"]["phases"]
+    assert set(phases) == {"load", "inversion", "keyframes", "groups", "decode", "encode"}
+    assert phases["encode"]["seconds"] > 0 and phases["encode"]["unet_evals"] == 0
+    assert phases["inversion"]["unet_evals"] == 4 * 10 and body["metrics"]["cache"] == "new"
+    assert "encode done" in body["logs"] and "\nencode " in body["logs"]
 
 
 @pytest.mark.parametrize(

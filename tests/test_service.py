@@ -27,7 +27,7 @@ from pnp.config import INPUTS, MAX_PROMPTS, PUBLIC_INPUTS
 from pnp.engine import PnPEngine, PnPResult
 from pnp.errors import InputError, NonFiniteError
 from pnp.injection import InjectionSteps
-from pnp.stats import RunStats
+from pnp.stats import VIDEO_PHASES, RunStats
 from tests.helpers import (
     HORSE,
     SERVICE_CACHE_BYTES,
@@ -56,8 +56,9 @@ def out_dirs(service: SimpleNamespace) -> set[str]:
         ({"scale": 31.0}, "scale", "between 0.0 and 30.0"),  # the config's check (tests/test_config.py)
         ({"output_format": "gif"}, "output_format", "png, webp, jpg"),  # the predictor's own check
         ({"input_image": b"not an image"}, "input_image", "could not be read"),  # the engine's (tests/test_image_io.py)
+        ({"input_video": HORSE}, "input_video", "cannot be used together with input_image"),  # the engine's, first
     ],
-    ids=["config", "predictor", "engine"],
+    ids=["config", "predictor", "engine", "video-and-image"],
 )
 def test_a_refused_request_costs_no_unet_work_and_leaves_no_files(service, tmp_path, overrides, input_name, expected):
     request = inputs(**{"input_image": HORSE, **overrides})
@@ -78,8 +79,11 @@ def test_every_input_is_handed_to_the_engine_unchanged(service, monkeypatch):
     """Every numeric input at each of its (inclusive) bounds, and every other input, reaches the engine."""
     received = []
 
-    def engine(config, image=None, mask=None):
-        received.append((config, image, mask))
+    def engine(config, image=None, mask=None, video=None):
+        received.append((config, image, mask, video))
+        if video is not None:  # one prompt's video of two frames
+            frames = [Image.new("RGB", (64, 64))] * 2
+            return PnPResult(images=[], seed=None, stats=RunStats.of(VIDEO_PHASES), videos=[frames], fps=12.5)
         return PnPResult(images=[Image.new("RGB", (64, 64))], seed=config.seed, stats=RunStats())
 
     monkeypatch.setattr(service.predictor, "engine", engine)
@@ -94,13 +98,16 @@ def test_every_input_is_handed_to_the_engine_unchanged(service, monkeypatch):
         values = {name: getattr(spec, end) for name, spec in numbers.items()}
         paths = service.predictor.run(**inputs(input_image=HORSE, mask=HORSE, **values, **texts))
         assert len(paths) == 1
-        config, image, mask = received[-1]
+        config, image, mask, video = received[-1]
         assert {name: getattr(config, name) for name in values} == values
         assert config.translation_prompts == ("a", "b")
         assert (config.negative_prompt, config.inversion_prompt, config.negative_prompt_schedule) == ("c", "d", "exp")
-        assert image == HORSE and mask == HORSE
+        assert image == HORSE and mask == HORSE and video is None
     generation = service.predictor.run(**inputs(generation_prompt="a horse", seed=3))
     assert received[-1][0].generation_prompt == "a horse" and received[-1][0].seed == 3 and len(generation) == 1
+    (video,) = service.predictor.run(**inputs(input_video=HORSE, video_fps=12.5, keyframe_interval=3))
+    assert received[-1][1:] == (None, None, HORSE) and received[-1][0].keyframe_interval == 3
+    assert video.name == "out-0.mp4"
 
 
 # --- numerical faults (docs/algorithm.md §7, docs/conventions.md §8) -------------------------------------
@@ -120,7 +127,7 @@ def test_non_finite_in_bfloat16_is_retried_in_float32(service, bf16_engine, monk
     for path in paths:
         assert pixels(path).std() > 0  # a real image, not a flat (black) one
     assert calls.get(torch.bfloat16, 0) > 0 and calls.get(torch.float32, 0) > 0  # failed, then ran again
-    retries = [r for r in pnp_logs.records if r.name == "pnp.engine" and r.levelno == logging.WARNING]
+    retries = [r for r in pnp_logs.records if r.name == "pnp.models" and r.levelno == logging.WARNING]
     assert any("float32" in r.getMessage() for r in retries)
     assert model_dtypes(bf16_engine) == {torch.bfloat16}  # back in its own dtype
 
