@@ -46,8 +46,9 @@ def draw_keyframes(groups: list[range], keyframe_interval: int, seed: int, num_s
 @dataclass
 class FrameAttention:
     """What every attn1 does in the pass under way (SPEC 7.4), and what the passes hand on per layer: the
-    keyframes' source attn1 inputs S (G, n, C), their attn1 outputs A (1 + U, G, n, C): the source first, then
-    U target units (branch, prompt), and the current group's nearest keyframe positions."""
+    keyframes' source attn1 inputs S (G, n, C), their attn1 outputs A, the source's (G, n, C) and then the U
+    target units' (U, G, n, C), a unit being one (branch, prompt), and the current group's nearest keyframe
+    positions."""
 
     unet: InjectionUNet
     mode: str = KEYFRAME_SOURCE
@@ -160,7 +161,9 @@ class VideoDenoiser:
         eps = {b: self.schedule.epsilon(out, x, alpha_bar) for b, out in zip(branches, eps_by_branch, strict=True)}
         return self.guidance.combine(eps, step)
 
-    def _run(self, frames: FrameAttention, step: int, rows: list[int], latents: torch.Tensor, keyframes: bool):
+    def _run(
+        self, frames: FrameAttention, step: int, rows: list[int], latents: torch.Tensor, keyframes: bool
+    ) -> torch.Tensor:
         """The source branch of frames `rows` (z_src, E("")), its features captured, then every target branch of
         them on `latents` (P, |rows|, C, h, w) with those features injected: each target row's UNet output."""
         unet, timestep, branches = self.unet, self._device_timesteps[step], self.guidance.branches(step)
