@@ -13,7 +13,9 @@ The requests, in order, on ONE engine (so the inversion cache works as it does i
   generation  generation mode, 1 prompt, fixed seed
   auto-mask   the example image described in inversion_prompt, 1 prompt, auto_mask (a new inversion)
   new-8       another new image (the horse upside down and mirrored), 8 prompts
-`--requests` runs a subset (a repeat needs its new image). On CUDA each request first runs once,
+  video-new     a new video (examples/wolf.mp4, its first --video-frames frames), 1 prompt
+  video-repeat  the same video with another prompt (cached inversion)
+`--requests` runs a subset (a repeat needs its new image or video). On CUDA each request first runs once,
 unreported. For each request the table gives the seconds of each engine phase, the wall time of the
 call, the memory it took beyond what was allocated before it (measured, and by the memory model of
 docs/cost-model.md §8), the UNet evaluations the engine counted, those the cost model expects, those
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -40,15 +43,19 @@ from PIL import Image, ImageOps
 
 from pnp import PnPConfig, PnPEngine
 from pnp.automask import MASK_NOISES
-from pnp.stats import PHASES
+from pnp.config import INPUTS
+from pnp.stats import PHASES, VIDEO_PHASES
 from pnp.testing import make_random_model
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = REPO / "examples" / "horse.jpg"
+DEFAULT_VIDEO = REPO / "examples" / "wolf.mp4"
 DEFAULT_JSON = REPO / "bench" / "results.json"
 TINY_IMAGE_SIZE = (
     256  # the tiny model's first blocks attend over every latent pixel: 512 takes minutes a request on 2 cores
 )
+DEFAULT_VIDEO_FRAMES = INPUTS["video_frames"].default
+TINY_VIDEO_FRAMES = 4  # a video request costs about F times an image's: 4 frames keep the tiny model's run short
 
 # The published model (daanelson/plug_and_play_image_translation): a 999-step inversion, a 999-step
 # reconstruction with two UNet evaluations a step, then 50 sampling steps of two evaluations per prompt.
@@ -71,6 +78,8 @@ PROMPTS_4_OTHER = [
 ]
 PROMPTS_8 = PROMPTS_4 + PROMPTS_4_OTHER
 GENERATION_PROMPT = "a photo of a horse in a field"
+VIDEO_PROMPTS = ["a robotic wolf"]
+VIDEO_PROMPTS_OTHER = ["a wolf made of gold"]
 # The requests' keys, each with the request whose cache entry it reuses.
 REQUEST_KEYS = {
     "new-1": None,
@@ -80,19 +89,22 @@ REQUEST_KEYS = {
     "generation": None,
     "auto-mask": None,
     "new-8": None,
+    "video-new": None,
+    "video-repeat": "video-new",
 }
 SOURCE_DESCRIPTION = "a photo of a horse"
 
 
 @dataclass(frozen=True)
 class Request:
-    """One benchmarked request: its key (`REQUEST_KEYS`), its label, the config's inputs and the image
-    (None in generation mode)."""
+    """One benchmarked request: its key (`REQUEST_KEYS`), its label, the config's inputs, and the image (None
+    in generation mode and for a video) or the video."""
 
     key: str
     name: str
     inputs: dict[str, Any]
     image: Image.Image | Path | None
+    video: Path | None = None
 
     @property
     def repeat(self) -> bool:
@@ -116,10 +128,22 @@ def expected_evals(config: PnPConfig, repeat: bool = False) -> int:
     return config.ddim_inversion_steps + config.injection_steps.capture_steps + evals
 
 
-def published_evals(prompts: int) -> int:
+def expected_video_evals(config: PnPConfig, frames: int, repeat: bool = False) -> int:
+    """The cost model's UNet evaluations for a video of F frames without a negative prompt (b = 2 guidance
+    branches a prompt), in G = ceil(F / keyframe_interval) groups: F·M inversion + N·(G + F)·(1 + b·P) sampling;
+    the same video again (cached inversion): the sampling only."""
+    groups = math.ceil(frames / config.keyframe_interval)
+    branches = 2
+    sampling = config.num_inference_steps * (groups + frames) * (1 + branches * len(config.translation_prompts))
+    return sampling if repeat else frames * config.ddim_inversion_steps + sampling
+
+
+def published_evals(prompts: int, frames: int = 1) -> int:
     """The published model's UNet evaluations for P prompts: 999 + 2·999 + 2·50·P, whatever the request
-    (it has no cache; in generation mode it also inverted the generated image, so the same formula is used)."""
-    return PUBLISHED_INVERSION_STEPS + 2 * PUBLISHED_INVERSION_STEPS + 2 * PUBLISHED_SAMPLING_STEPS * prompts
+    (it has no cache; in generation mode it also inverted the generated image, so the same formula is used).
+    It has no video mode: a video of F frames counts F times that, as if each frame were edited on its own."""
+    per_image = PUBLISHED_INVERSION_STEPS + 2 * PUBLISHED_INVERSION_STEPS + 2 * PUBLISHED_SAMPLING_STEPS * prompts
+    return per_image * frames
 
 
 def device_name(device: torch.device) -> str:
@@ -170,10 +194,18 @@ def memory_peak_mib(device: torch.device, start: int) -> float:
     return (peak - start) / 2**20
 
 
-def requests(image_path: Path, image_size: int, steps: int, keys: list[str] | None = None) -> list[Request]:
+def requests(
+    image_path: Path,
+    image_size: int,
+    steps: int,
+    keys: list[str] | None = None,
+    video_path: Path = DEFAULT_VIDEO,
+    video_frames: int = DEFAULT_VIDEO_FRAMES,
+) -> list[Request]:
     """The benchmarked requests in their order, or those of them named in `keys`; all use the inputs'
-    defaults except the prompts, size and steps."""
+    defaults except the prompts, size, steps and a video's frames."""
     common = {"image_size": image_size, "num_inference_steps": steps}
+    video = {**common, "video_frames": video_frames}
     mirrored = ImageOps.mirror(ImageOps.exif_transpose(Image.open(image_path)).convert("RGB"))
     generation = {**common, "translation_prompts": PROMPTS_1, "generation_prompt": GENERATION_PROMPT, "seed": 0}
     auto_mask = {**common, "inversion_prompt": SOURCE_DESCRIPTION, "auto_mask": True}
@@ -185,44 +217,74 @@ def requests(image_path: Path, image_size: int, steps: int, keys: list[str] | No
         Request("generation", "generation", generation, None),
         Request("auto-mask", "auto-mask", {**auto_mask, "translation_prompts": PROMPTS_1}, image_path),
         Request("new-8", "new image", {**common, "translation_prompts": PROMPTS_8}, ImageOps.flip(mirrored)),
+        Request("video-new", "new video", {**video, "translation_prompts": VIDEO_PROMPTS}, None, video_path),
+        Request(
+            "video-repeat", "video (cached)", {**video, "translation_prompts": VIDEO_PROMPTS_OTHER}, None, video_path
+        ),
     ]
     return [request for request in every if keys is None or request.key in keys]
 
 
+def phase_names() -> list[str]:
+    """An image's phases and a video's, in the order they run: the video's own ones (keyframes, groups) before
+    the decode both end with, any after it last."""
+    names = list(PHASES)
+    for index, name in enumerate(VIDEO_PHASES):
+        if name not in names:
+            later = [other for other in VIDEO_PHASES[index + 1 :] if other in names]
+            names.insert(names.index(later[0]) if later else len(names), name)
+    return names
+
+
+PHASE_NAMES = phase_names()
+
+
 def run_request(engine: PnPEngine, request: Request) -> tuple[dict[str, Any], list[Image.Image]]:
-    """Run one request and return its table row and its images."""
+    """Run one request and return its table row and its images (a video's: every prompt's frames, in order).
+    A phase the request has not (an image's keyframes, a video's extraction) is 0 in the row."""
     device = engine.model.device
     config = PnPConfig.from_mapping(request.inputs)
+    prompts = len(config.translation_prompts)
     in_use = start_memory_peak(device)
     start = time.perf_counter()
-    result = engine(config, image=request.image)
+    result = engine(config, image=request.image, video=request.video)
     wall = time.perf_counter() - start
-    ours, published = result.stats.unet_evals, published_evals(len(config.translation_prompts))
+    if request.video is None:
+        images = result.images
+        expected, published = expected_evals(config, request.repeat), published_evals(prompts)
+    else:
+        images = [frame for frames in result.videos for frame in frames]
+        frames = len(result.videos[0])
+        expected = expected_video_evals(config, frames, request.repeat)
+        published = published_evals(prompts, frames)
+    phases, ours = result.stats.phases, result.stats.unet_evals
     row = {
         "request": request.name,
         "mode": "compiled" if engine.model.compiled else "eager",
-        "prompts": len(config.translation_prompts),
+        "prompts": prompts,
         "cache_hit": result.stats.cache_hit,
-        **{f"{name}_s": result.stats.phases[name].seconds for name in PHASES},
+        **{f"{name}_s": phases[name].seconds if name in phases else 0.0 for name in PHASE_NAMES},
         "total_s": wall,
         "peak_memory_mib": memory_peak_mib(device, in_use),
         "model_memory_mib": result.stats.modelled_bytes / 2**20,
         "unet_evals": ours,
-        "expected_evals": expected_evals(config, request.repeat),
+        "expected_evals": expected,
         "published_evals": published,
         "published_over_ours": published / ours,
     }
-    return row, result.images
+    return row, images
 
 
 def warm_up(engine: PnPEngine, benchmarked: list[Request], image_path: Path) -> float:
-    """Run the benchmarked requests once, unreported, on another image (the horse upside down, so no
-    benchmarked request hits its cache): CUDA chooses its kernels and a compiled UNet compiles its
-    graphs for every batch size. Returns the seconds it took; the cache is cleared after it."""
+    """Run the benchmarked requests once, unreported, the image ones on another image (the horse upside down)
+    and the video ones on their video: CUDA chooses its kernels and a compiled UNet compiles its graphs for
+    every batch size. Returns the seconds it took; the cache is cleared after it, so no benchmarked request
+    hits what the warm-up stored."""
     flipped = ImageOps.flip(ImageOps.exif_transpose(Image.open(image_path)).convert("RGB"))
     start = time.perf_counter()
     for request in benchmarked:
-        engine(PnPConfig.from_mapping(request.inputs), image=None if request.image is None else flipped)
+        image = None if request.image is None else flipped
+        engine(PnPConfig.from_mapping(request.inputs), image=image, video=request.video)
     engine.cache.clear()
     return time.perf_counter() - start
 
@@ -250,7 +312,7 @@ COLUMNS = [
     ("mode", "mode", "{:<8}"),
     ("prompts", "P", "{:>2}"),
     ("cache_hit", "cache", "{!s:>5}"),
-    *[(f"{name}_s", name, "{:>11.2f}") for name in PHASES],
+    *[(f"{name}_s", name, "{:>11.2f}") for name in PHASE_NAMES],
     ("total_s", "total s", "{:>8.2f}"),
     ("peak_memory_mib", "peak MiB", "{:>9.0f}"),
     ("model_memory_mib", "model MiB", "{:>9.0f}"),
@@ -294,10 +356,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=50, help="num_inference_steps (default 50)")
     parser.add_argument(
+        "--video-frames",
+        type=int,
+        help=f"video_frames of the video requests (default {DEFAULT_VIDEO_FRAMES}; {TINY_VIDEO_FRAMES} for the "
+        "tiny default model)",
+    )
+    parser.add_argument(
         "--requests",
         type=lambda value: value.split(","),
         default=list(REQUEST_KEYS),
-        help=f"comma-separated subset of {','.join(REQUEST_KEYS)} (default: all); a repeat needs its new image",
+        help=f"comma-separated subset of {','.join(REQUEST_KEYS)} (default: all); a repeat needs its new image "
+        "or video",
     )
     parser.add_argument(
         "--channels-last",
@@ -340,12 +409,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             model_dir, model_label = Path(args.model), str(args.model)
         image_size = args.image_size or (TINY_IMAGE_SIZE if tiny else 512)
+        video_frames = args.video_frames or (TINY_VIDEO_FRAMES if tiny else DEFAULT_VIDEO_FRAMES)
 
         engine = PnPEngine.from_pretrained(str(model_dir), device=args.device, dtype=args.dtype, compile=False)
         if args.channels_last:
             engine.model.use_channels_last()
         device = engine.model.device
-        benchmarked = requests(args.image, image_size, args.steps, args.requests)
+        benchmarked = requests(args.image, image_size, args.steps, args.requests, DEFAULT_VIDEO, video_frames)
         if device.type == "cuda":
             warm_up(engine, benchmarked, args.image)
         engine.cache.clear()
@@ -368,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "diffusers": diffusers.__version__,
         "image": _display_path(args.image),
         "image_size": image_size,
+        "video": _display_path(DEFAULT_VIDEO),
+        "video_frames": video_frames,
         "num_inference_steps": args.steps,
         "peak memory": "the request's rise of "
         + ("CUDA's max_memory_allocated" if device.type == "cuda" else "the process's peak resident size (VmHWM)")
@@ -388,8 +460,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cpu":
         header["load average"] = " ".join(f"{load:.1f}" for load in os.getloadavg()) + " (1, 5, 15 min; after the run)"
     if tiny:
+        defaults = []
+        if not args.image_size:
+            defaults.append(f"image size {TINY_IMAGE_SIZE} (512 for real models)")
+        if not args.video_frames:
+            defaults.append(f"{TINY_VIDEO_FRAMES} video frames ({DEFAULT_VIDEO_FRAMES} for real models)")
         header["note"] = "tiny random model: timings show the engine's overheads, not a real model's speed" + (
-            "" if args.image_size else f"; image size {TINY_IMAGE_SIZE} by default for it (512 for real models)"
+            f"; by default for it {' and '.join(defaults)}" if defaults else ""
         )
     table = {"header": header, "rows": rows}
     print(format_table(header, rows))
