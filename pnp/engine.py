@@ -201,7 +201,11 @@ class PnPEngine:
         return PnPResult(images=images, seed=source.seed, stats=run.stats, masks=masks), run.memory
 
     def check_inputs(
-        self, config: PnPConfig, image: ImageSource | None, mask: ImageSource | None, video: VideoSource | None
+        self,
+        config: PnPConfig,
+        image: ImageSource | None,
+        mask: ImageSource | None,
+        video: VideoSource | None = None,
     ) -> None:
         """Every refusal that needs more than the config (which checks its own fields), before any work: the
         UNet's processors, a video with another source or a mask, a mask with auto_mask, the step counts
