@@ -6,9 +6,10 @@ of one to generate). Then a run (a float32 retry is a second one): encode the pr
 latents and features (a real image's inversion, cached, or a generated image's), prepare the region (a
 painted mask, or with auto_mask one per prompt), translate, decode. How many latents each UNet and VAE call
 carries, and what happens when memory runs out, is the memory policy's (`pnp.memory_policy`); what the run
-cost is recorded in `pnp.stats`. The Cog predictor, the command line, the web page and the benchmark all
-drive `PnPEngine`; below it, the predictor's setup and the benchmark use only the loaded model's switches
-(device, dtype, compiled, channels_last) and clear the cache.
+cost is recorded in `pnp.stats`. A video goes to `pnp.video` instead, with the same model, schedule and
+cache. The Cog predictor, the command line, the web page and the benchmark all drive `PnPEngine`; below it,
+the predictor's setup and the benchmark use only the loaded model's switches (device, dtype, compiled,
+channels_last) and clear the cache.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class PnPResult:
 
 
 class PnPEngine:
-    """Plug-and-Play image translation on one loaded Stable Diffusion model.
+    """Plug-and-Play image translation, and consistent video edits (`videos`), on one loaded Stable Diffusion
+    model.
 
     `batch_latent_pixels` (else `PNP_BATCH_LATENT_PIXELS`) fixes the latent positions of a UNet or VAE call;
     unset, each run's calls carry what fits the device's free memory by the memory model
