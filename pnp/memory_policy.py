@@ -156,7 +156,10 @@ class MemoryPolicy:
         latent is tried once more); where one latent did not fit even so, an `InputError` naming image_size."""
         self.device.release()
         if isinstance(error, CallOutOfMemoryError):
-            call, failed = error.call, error.batch
+            # A call may carry more than the batch (a video's keyframes of one branch go together): halving
+            # starts from the smaller, so that the halving reaches one latent and ends.
+            call = error.call
+            failed = min(error.batch, self.vae_batch if call == "vae" else self.unet_batch)
         else:  # outside a call: the UNet's activations are what the run can shrink
             call, failed = "unet", min(self.unet_batch, self.shape.largest_unet_call)
         if failed <= 1 and call in self._retried_one_latent:

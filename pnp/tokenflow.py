@@ -46,16 +46,18 @@ def draw_keyframes(groups: list[range], keyframe_interval: int, seed: int, num_s
 @dataclass
 class FrameAttention:
     """What every attn1 does in the pass under way (SPEC 7.4), and what the passes hand on per layer: the
-    keyframes' source attn1 inputs S (G, n, C), their attn1 outputs A, the source's (G, n, C) and then the U
-    target units' (U, G, n, C), a unit being one (branch, prompt), and the current group's nearest keyframe
-    positions."""
+    keyframes' source attn1 inputs S (G, n, C), their attn1 outputs A, the source's (G, n, C) and the target
+    units' (U, G, n, C), a unit being one (branch, prompt), and the current frames' nearest keyframe positions.
+    `units` are the target units of the call under way."""
 
     unet: InjectionUNet
+    units_total: int
     mode: str = KEYFRAME_SOURCE
-    units: int = 1
+    units: range = range(1)
     group: int = 0
     blend: torch.Tensor | None = None  # w per frame of the current group (g > 0)
-    sources: dict[str, torch.Tensor] = field(default_factory=dict)
+    sources: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    source_outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     nearest: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
@@ -74,23 +76,34 @@ class FrameAttention:
         value = attn.to_v(hidden)
         if self.mode == KEYFRAME_SOURCE:
             output = attend(attn, query, key, value)
-            self.sources[layer] = hidden
-            self.outputs[layer] = [output]
+            self._kept(self.sources, layer).append(hidden)
+            self._kept(self.source_outputs, layer).append(output)
             return output
         rows, positions, channels = hidden.shape
-        units = [t.reshape(self.units, (rows // self.units) * positions, -1) for t in (query, key, value)]
-        output = attend(attn, *units).reshape(rows, positions, -1)
-        self.outputs[layer].append(output.reshape(self.units, rows // self.units, positions, -1))
+        units = len(self.units)
+        extended = [t.reshape(units, (rows // units) * positions, -1) for t in (query, key, value)]
+        output = attend(attn, *extended).reshape(rows, positions, -1)
+        self._kept(self.outputs, layer).append(output.reshape(units, rows // units, positions, -1))
         return output
+
+    @staticmethod
+    def _kept(kept: dict[str, list[torch.Tensor]], layer: str) -> list[torch.Tensor]:
+        return kept.setdefault(layer, [])
+
+    def finish_keyframes(self) -> None:
+        """Join what the keyframe pass's calls kept, each call a slice of the keyframes or of the units."""
+        for kept in (self.sources, self.source_outputs, self.outputs):
+            for layer, parts in kept.items():
+                kept[layer] = [torch.cat(parts)]
 
     def propagate(self, layer: str, hidden: torch.Tensor) -> torch.Tensor:
         """A group pass: attn1 is not computed; each frame's output at position j is the keyframes' output at
         the position nearest its source token (found in the source pass, used by every branch)."""
         if self.mode == GROUP_SOURCE:
-            self.nearest[layer] = self._nearest_positions(hidden, self.sources[layer])
-            outputs = self.outputs[layer][0].unsqueeze(0)
+            self.nearest[layer] = self._nearest_positions(hidden, self.sources[layer][0])
+            outputs = self.source_outputs[layer][0].unsqueeze(0)
         else:
-            outputs = self.outputs[layer][1]
+            outputs = self.outputs[layer][0][self.units.start : self.units.stop]
         first, second = self.nearest[layer]
         blended = outputs[:, self.group][:, first]
         if second is not None:
@@ -143,6 +156,7 @@ class VideoDenoiser:
     groups: list[range]
     keyframes: list[list[int]]
     timer: PhaseTimer
+    unet_batch: int
     _device_timesteps: list[torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -150,7 +164,7 @@ class VideoDenoiser:
 
     def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
         branches = self.guidance.branches(step)
-        frames = FrameAttention(self.unet, units=len(branches) * self.guidance.count)
+        frames = FrameAttention(self.unet, units_total=len(branches) * self.guidance.count)
         with self.unet.self_attention_processors(frames.processor):
             with self.timer.phase("keyframes", log=False):
                 self._keyframe_pass(frames, x, step)
@@ -161,24 +175,34 @@ class VideoDenoiser:
         eps = {b: self.schedule.epsilon(out, x, alpha_bar) for b, out in zip(branches, eps_by_branch, strict=True)}
         return self.guidance.combine(eps, step)
 
-    def _run(
-        self, frames: FrameAttention, step: int, rows: list[int], latents: torch.Tensor, keyframes: bool
-    ) -> torch.Tensor:
-        """The source branch of frames `rows` (z_src, E("")), its features captured, then every target branch of
-        them on `latents` (P, |rows|, C, h, w) with those features injected: each target row's UNet output."""
-        unet, timestep, branches = self.unet, self._device_timesteps[step], self.guidance.branches(step)
+    def _source(self, frames: FrameAttention, step: int, rows: list[int], keyframes: bool) -> dict[str, torch.Tensor]:
+        """The source branch of frames `rows` (z_src, E("")), `unet_batch` frames a call: its features, captured."""
         frames.mode = KEYFRAME_SOURCE if keyframes else GROUP_SOURCE
+        unet, timestep = self.unet, self._device_timesteps[step]
         with unet.capturing() as captured:
-            unet(
-                self.source_latents[step][rows].to(unet.dtype),
-                timestep,
-                self.guidance.unconditional.expand(len(rows), -1, -1),
-            )
-        frames.mode = KEYFRAME_TARGETS if keyframes else GROUP_TARGETS
-        injected = self._injected(captured, step, frames.units)
-        texts = self.guidance.text(branches).repeat_interleave(len(rows), dim=0)
-        targets = latents.repeat(len(branches), 1, 1, 1, 1).flatten(0, 1).to(unet.dtype)
-        return unet(targets, timestep, texts, injected)
+            for start in range(0, len(rows), self.unet_batch):
+                chunk = rows[start : start + self.unet_batch]
+                text = self.guidance.unconditional.expand(len(chunk), -1, -1)
+                unet(self.source_latents[step][chunk].to(unet.dtype), timestep, text)
+        return captured
+
+    def _targets(
+        self,
+        frames: FrameAttention,
+        step: int,
+        captured: dict[str, torch.Tensor],
+        latents: torch.Tensor,
+        units: range,
+        keyframes: bool,
+    ) -> torch.Tensor:
+        """Target units `units` (unit = branch · P + prompt) on their frames' `latents` (P, R, C, h, w), the
+        source's `captured` features injected, in one UNet call: each row's output, unit by unit."""
+        frames.mode, frames.units = KEYFRAME_TARGETS if keyframes else GROUP_TARGETS, units
+        branches, rows = self.guidance.branches(step), latents.shape[1]
+        texts = self.guidance.text(branches)[units.start : units.stop].repeat_interleave(rows, dim=0)
+        targets = latents.repeat(len(branches), 1, 1, 1, 1)[units.start : units.stop].flatten(0, 1)
+        injected = self._injected(captured, step, len(units))
+        return self.unet(targets.to(self.unet.dtype), self._device_timesteps[step], texts, injected)
 
     def _injected(self, captured: dict[str, torch.Tensor], step: int, units: int) -> dict[str, torch.Tensor]:
         """The source's features, repeated for every target unit's rows: ResNet at i < n_f, the sites' queries
@@ -193,21 +217,40 @@ class VideoDenoiser:
 
     def _keyframe_pass(self, frames: FrameAttention, x: torch.Tensor, step: int) -> None:
         """The step's keyframes, every target branch's attention extended over all of them: what the group
-        passes take their attention outputs from (its noise predictions are not used)."""
+        passes take their attention outputs from (its noise predictions are not used). A call carries whole
+        units (all keyframes of a branch and prompt), as many as `unet_batch` holds, at least one."""
         keyframes = self.keyframes[step]
-        self._run(frames, step, keyframes, x[:, keyframes], keyframes=True)
+        captured = self._source(frames, step, keyframes, keyframes=True)
+        per_call = max(1, self.unet_batch // len(keyframes))
+        for start in range(0, frames.units_total, per_call):
+            units = range(start, min(start + per_call, frames.units_total))
+            self._targets(frames, step, captured, x[:, keyframes], units, keyframes=True)
+        frames.finish_keyframes()
 
     def _group_pass(self, frames: FrameAttention, x: torch.Tensor, step: int, g: int) -> torch.Tensor:
-        """Group g's frames: each target branch's UNet output (branches, P, |group|, C, h, w)."""
-        group = self.groups[g]
-        frames.group, frames.blend = g, None
-        if g > 0:
-            # w = sigmoid(d2 / (d1 + d2)), d1 and d2 the frame's distances to both groups' centres.
-            near = torch.tensor([abs(f - self._centre(g)) for f in group], dtype=torch.float32)
-            far = torch.tensor([abs(f - self._centre(g - 1)) for f in group], dtype=torch.float32)
-            frames.blend = torch.sigmoid(far / (near + far)).to(x.device)
-        output = self._run(frames, step, list(group), x[:, group.start : group.stop], keyframes=False)
-        return output.unflatten(0, (-1, self.guidance.count, len(group)))
+        """Group g's frames, as many a call as `unet_batch` holds with every unit's rows, else one frame a call
+        and its units split as `unet_batch` holds: each target branch's UNet output (branches, P, |group|, C, h,
+        w). A frame's rows depend on no other frame's here, so the split changes nothing."""
+        group, frames.group, total = self.groups[g], g, frames.units_total
+        per_call = max(1, self.unet_batch // total)
+        outputs = []
+        for start in range(group.start, group.stop, per_call):
+            chunk = range(start, min(start + per_call, group.stop))
+            frames.blend = self._blend(g, chunk).to(x.device) if g > 0 else None
+            captured = self._source(frames, step, list(chunk), keyframes=False)
+            latents, units_a_call = x[:, chunk.start : chunk.stop], max(1, self.unet_batch // len(chunk))
+            parts = [
+                self._targets(frames, step, captured, latents, range(u, min(u + units_a_call, total)), keyframes=False)
+                for u in range(0, total, units_a_call)
+            ]
+            outputs.append(torch.cat(parts).unflatten(0, (-1, self.guidance.count, len(chunk))))
+        return torch.cat(outputs, dim=2)
+
+    def _blend(self, g: int, chunk: range) -> torch.Tensor:
+        """w = sigmoid(d2 / (d1 + d2)) per frame, d1 and d2 its distances to group g's and g - 1's centres."""
+        near = torch.tensor([abs(f - self._centre(g)) for f in chunk], dtype=torch.float32)
+        far = torch.tensor([abs(f - self._centre(g - 1)) for f in chunk], dtype=torch.float32)
+        return torch.sigmoid(far / (near + far))
 
     def _centre(self, g: int) -> int:
         """c_g = gB + B // 2, B = keyframe_interval (the first group's length whenever there are two)."""

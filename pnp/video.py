@@ -146,7 +146,25 @@ class VideoPipeline:
         memory: MemoryPolicy,
         timer: PhaseTimer,
     ) -> torch.Tensor:
-        """Every prompt's frames from x^f = z_src^f[t_0] to their clean latents (P, F, C, h, w) (SPEC 7.3-7.4)."""
+        """Every prompt's frames from x^f = z_src^f[t_0] to their clean latents (P, F, C, h, w) (SPEC 7.3-7.4),
+        again with smaller calls where memory runs out; where even one frame a call does not fit, an error
+        naming video_frames."""
+        try:
+            return memory.run(self._sample_once, loaded, source_latents, embeddings, memory, timer)
+        except InputError as error:
+            raise InputError(
+                "video_frames",
+                f"{len(loaded.frames)} frames do not fit: {error}; fewer video_frames or a smaller image_size would",
+            ) from error
+
+    def _sample_once(
+        self,
+        loaded: LoadedVideo,
+        source_latents: dict[int, torch.Tensor],
+        embeddings: PromptEmbeddings,
+        memory: MemoryPolicy,
+        timer: PhaseTimer,
+    ) -> torch.Tensor:
         config, timesteps = loaded.config, loaded.timesteps
         groups = frame_groups(len(loaded.frames), config.keyframe_interval)
         seed = 0 if config.seed is None else config.seed
@@ -160,19 +178,11 @@ class VideoPipeline:
             groups=groups,
             keyframes=draw_keyframes(groups, config.keyframe_interval, seed, len(timesteps)),
             timer=timer,
+            unet_batch=memory.unet_batch,
         )
         start = source_latents[timesteps[0]].float()
         start = start.unsqueeze(0).expand(len(config.translation_prompts), *start.shape)
-        try:
-            return sample(denoiser, start, self.schedule, list(timesteps), "video")
-        except torch.OutOfMemoryError as error:
-            memory.device.release()
-            raise InputError(
-                "video_frames",
-                f"{len(loaded.frames)} frames of {loaded.frames[0].width}x{loaded.frames[0].height} with "
-                f"{len(config.translation_prompts)} translation_prompts do not fit in the free memory of "
-                f"{self.model.device}; use fewer video_frames, a smaller image_size or fewer prompts",
-            ) from error
+        return sample(denoiser, start, self.schedule, list(timesteps), "video")
 
     def _decode(self, final: torch.Tensor, memory: MemoryPolicy) -> list[list[Image.Image]]:
         """Each prompt's frames, `memory.vae_batch` a VAE decoder call."""

@@ -189,3 +189,47 @@ def test_the_engine_equals_a_naive_implementation_of_spec_7(engine: PnPEngine, c
     for frames, prompt_latents in zip(result.videos, latents, strict=True):
         expected = pixels_to_images(decoded_to_pixels(engine.model.decode_latents(prompt_latents, 8)))
         assert max(max_difference(a, b) for a, b in zip(frames, expected, strict=True)) <= 1
+
+
+def test_smaller_calls_give_the_same_frames(engine: PnPEngine, tiny_model_dir: Path, clip: Path):
+    """With one latent a UNet call (batch_latent_pixels = one 16x16 latent), the keyframe pass's targets go one
+    unit (a branch and prompt's 3 keyframes) a call, the source and the group passes one frame a call, and the
+    similarity search one frame at a time: the same frames, within 1 grey level."""
+    request = video_config(translation_prompts="a robot horse; a zebra", inversion_prompt="chunked")
+    whole = engine(request, video=clip).videos
+    small = PnPEngine(engine.model, batch_latent_pixels=16 * 16)
+    calls: list[int] = []
+    hook = engine.model.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        chunked = small(request, video=clip).videos
+    finally:
+        hook.remove()
+    assert max(calls) == 3  # one unit of 3 keyframes; everything else a latent a call
+    for frames, expected in zip(chunked, whole, strict=True):
+        assert max(max_difference(a, b) for a, b in zip(frames, expected, strict=True)) <= 1
+
+
+def test_a_video_that_runs_out_of_memory_retries_with_smaller_calls(engine: PnPEngine, clip: Path, monkeypatch):
+    """UNet calls of more than 3 latents fail as CUDA's do: the sampling runs again with smaller calls and gives
+    the same frames; where even the smallest calls (a unit of 3 keyframes) fail, an error names video_frames."""
+    request = video_config(translation_prompts="a robot horse; a zebra", inversion_prompt="out of memory")
+    unconstrained = engine(request, video=clip).videos
+    unet = engine.model.injection_unet
+    forward = unet.unet_forward
+
+    def limited(limit: int):
+        def call(latents: torch.Tensor, *args, **kwargs):
+            if latents.shape[0] > limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (a call of {latents.shape[0]} latents)")
+            return forward(latents, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(unet, "unet_forward", limited(3))
+    result = engine(request, video=clip)
+    assert result.stats.memory_retries > 0 and result.stats.cache_hit
+    for frames, expected in zip(result.videos, unconstrained, strict=True):
+        assert max(max_difference(a, b) for a, b in zip(frames, expected, strict=True)) <= 1
+    monkeypatch.setattr(unet, "unet_forward", limited(2))
+    with pytest.raises(InputError, match="video_frames: 5 frames do not fit"):
+        engine(request, video=clip)
