@@ -15,7 +15,7 @@ from PIL import Image
 from .cache import CacheLookup, SourceCache, SourceEntry, SourceKey
 from .config import PnPConfig
 from .errors import InputError
-from .image_io import decoded_to_pixels, image_to_tensor, pixels_to_images, prepare_image, resized
+from .image_io import decoded_to_pixels, image_to_tensor, pixels_to_images, resized, working_size
 from .injection import InjectionSteps, SourceFeatures
 from .inversion import invert
 from .memory import MemoryModel, RequestShape
@@ -75,7 +75,7 @@ class VideoPipeline:
         (timed as "load"; a file that is not a video is refused, naming input_video)."""
         with timer.phase("load"):
             clip = load_video(video, config.video_frames, config.video_fps)
-            size = prepare_image(clip.frames[0], config.image_size).size
+            size = working_size(*clip.frames[0].size, config.image_size)
             # A stream whose resolution changes midway still gives one working size, as SPEC 7.1 asks.
             frames = tuple(resized(frame, size) for frame in clip.frames)
             key = SourceKey.of(self.model.name, self.model.dtype, frames, config)
@@ -92,15 +92,21 @@ class VideoPipeline:
         source_latents = cached.entry.latents if cached.use is CacheUse.HIT else None
         if source_latents is None:
             source_latents = self._invert(loaded, cached, embeddings, memory, timer)
-        final = self._sample(loaded, source_latents, embeddings, memory, timer)
+        try:
+            final = memory.run(self._sample, loaded, source_latents, embeddings, memory, timer)
+        except InputError as error:  # even one frame a call ran out of memory
+            raise InputError(
+                "video_frames",
+                f"{len(loaded.frames)} frames do not fit: {error}; fewer video_frames or a smaller image_size would",
+            ) from error
         with timer.phase("decode"):
             videos = memory.run(self._decode, final, memory)
         memory.record()
         return videos, memory
 
     def _plan_memory(self, loaded: LoadedVideo, cached: CacheLookup, timer: PhaseTimer) -> MemoryPolicy:
-        """The latents per call of the inversion's and decoder's calls, as for one of its frames; the sampling's
-        passes carry their frames' branches whole (their memory is not modelled yet)."""
+        """The latents per UNet call and images per decoder call, as for one of its frames (what a video's
+        sampling keeps beside its calls is not modelled yet: docs/cost-model.md §9)."""
         shape = RequestShape.of(loaded.config, loaded.frames[0].size, False, cached.use is not CacheUse.HIT)
         used = {cached.key, cached.key.in_dtype(torch.float32)}
         device = DeviceMemory.of(self.model.device, self.free_memory, self.cache, used)
@@ -147,24 +153,7 @@ class VideoPipeline:
         timer: PhaseTimer,
     ) -> torch.Tensor:
         """Every prompt's frames from x^f = z_src^f[t_0] to their clean latents (P, F, C, h, w) (SPEC 7.3-7.4),
-        again with smaller calls where memory runs out; where even one frame a call does not fit, an error
-        naming video_frames."""
-        try:
-            return memory.run(self._sample_once, loaded, source_latents, embeddings, memory, timer)
-        except InputError as error:
-            raise InputError(
-                "video_frames",
-                f"{len(loaded.frames)} frames do not fit: {error}; fewer video_frames or a smaller image_size would",
-            ) from error
-
-    def _sample_once(
-        self,
-        loaded: LoadedVideo,
-        source_latents: dict[int, torch.Tensor],
-        embeddings: PromptEmbeddings,
-        memory: MemoryPolicy,
-        timer: PhaseTimer,
-    ) -> torch.Tensor:
+        `memory.unet_batch` latents a UNet call (a keyframe pass's unit of keyframes may carry more)."""
         config, timesteps = loaded.config, loaded.timesteps
         groups = frame_groups(len(loaded.frames), config.keyframe_interval)
         seed = 0 if config.seed is None else config.seed
