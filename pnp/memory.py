@@ -1,9 +1,9 @@
-"""A request's peak memory, predicted from the loaded model's configuration (docs/cost-model.md §8).
+"""A request's peak memory, predicted from the loaded model's configuration (docs/cost-model.md §8-§9).
 
 The model counts tensor bytes: the weights, the cache, what one request holds (its source features, its
-latents, its output pixels) and the activations of one UNet or VAE decoder call, which grow with the
-latents the call carries. Kernel workspaces and allocator slack are left to the margin that
-`pnp.memory_policy` keeps free.
+latents, its output pixels; a video's keyframe outputs and nearest-neighbour search) and the activations of
+one UNet or VAE decoder call, which grow with the latents the call carries. Kernel workspaces and allocator
+slack are left to the margin that `pnp.memory_policy` keeps free.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .automask import MASK_NOISES
 from .config import PnPConfig
 from .injection import ATTENTION_SITES, RESNET_SITE, InjectionSteps
 from .models import StableDiffusion, vae_scale_factor
+from .tokenflow import SIMILARITY_CHUNK_SCORES, VIDEO_KEPT_FEATURES
 
 # A transformer block's feed-forward (GEGLU, 4x wider) holds its input (1 width), the projection (8), the
 # gate's GELU (4) and the product (4), beside the block's and the transformer's residuals (2 + 1).
@@ -40,13 +41,34 @@ def _up_block(site: str) -> int:
     return int(match.group(1))
 
 
+def _self_attention_layers(unet_config: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
+    """(level, channels) of every self-attention layer (attn1) of a UNet of this diffusers configuration, level 0
+    the top: each cross-attention down block's `layers_per_block` transformers, the middle block's one, each
+    cross-attention up block's `layers_per_block + 1`, each transformer `transformer_layers_per_block` deep."""
+    channels, layers = tuple(unet_config["block_out_channels"]), unet_config["layers_per_block"]
+    levels = len(channels)
+    depth = unet_config.get("transformer_layers_per_block", 1)
+    depths = (depth,) * levels if isinstance(depth, int) else tuple(depth)
+    found = []
+    for level, block in enumerate(unet_config["down_block_types"]):
+        if "CrossAttn" in block:
+            found += [(level, channels[level])] * layers * depths[level]
+    if "CrossAttn" in (unet_config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"):
+        found += [(levels - 1, channels[-1])] * depths[-1]
+    for index, block in enumerate(unet_config["up_block_types"]):
+        level = levels - 1 - index
+        if "CrossAttn" in block:
+            found += [(level, channels[level])] * (layers + 1) * depths[level]
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class MemoryModel:
     """The bytes a request of one model, in one dtype, holds and needs for each call.
 
     `unet_channels` and `unet_layers` are the UNet's `block_out_channels` and `layers_per_block`, `vae_channels`
     the VAE's `block_out_channels` (its decoder runs them in reverse), `value_bytes` the size of one value in
-    the model's dtype.
+    the model's dtype, `self_attention_layers` the (level, channels) of each attn1.
     """
 
     weight_bytes: int
@@ -56,6 +78,7 @@ class MemoryModel:
     unet_channels: tuple[int, ...]
     unet_layers: int
     vae_channels: tuple[int, ...]
+    self_attention_layers: tuple[tuple[int, int], ...]
 
     @classmethod
     def from_configs(
@@ -71,6 +94,7 @@ class MemoryModel:
             unet_channels=tuple(unet_config["block_out_channels"]),
             unet_layers=unet_config["layers_per_block"],
             vae_channels=vae_channels,
+            self_attention_layers=_self_attention_layers(unet_config),
         )
 
     @classmethod
@@ -157,24 +181,54 @@ class MemoryModel:
         return self.unet_call_bytes(size, 1) + (2 if guidance_halves else 1) * (resnet + attention)
 
     def request_bytes(self, shape: RequestShape, unet_batch: int, vae_batch: int) -> int:
-        """What a request holds beside the weights and the cache, at its widest moment: its features (unless
-        cached), latents and images, and the larger of one UNet call of at most `unet_batch` latents and one VAE
-        decoder call of at most `vae_batch` images."""
+        """What a request holds beside the weights and the cache, at its widest moment: what it holds through its
+        calls, and the larger of a sampling step (one UNet call of `unet_batch` latents, a video's keyframes of
+        one branch together, with what a video's step keeps) and one VAE decoder call of at most `vae_batch`
+        images."""
         unet_latent = self.unet_latent_bytes(shape.size, guidance_halves=shape.generated)
-        unet = min(unet_batch, shape.largest_unet_call) * unet_latent
+        unet = shape.unet_call_latents(unet_batch) * unet_latent + self.video_step_bytes(shape)
         vae = self.vae_call_bytes(shape.size, min(vae_batch, shape.images))
         return self.held_bytes(shape) + max(unet, vae)
 
     def held_bytes(self, shape: RequestShape) -> int:
-        """What a request holds through its calls: its new source features, its latents (z_src at every
-        sampling step, the translation's batch and its noise predictions) and its decoded images."""
-        features = (
-            self.feature_bytes(shape.size, shape.injection_steps, guidance_halves=shape.generated)
-            if shape.new_source
-            else 0
-        )
-        latents = self.latent_bytes(shape.size, shape.sampling_steps + 4 * shape.branches)
+        """What a request holds through its calls: a new source's features and z_src at every sampling step (a
+        cached source's are in the cache), each frame's translation batch and noise predictions, and its decoded
+        images."""
+        features, source_steps = 0, 0
+        if shape.new_source:
+            features = self.feature_bytes(shape.size, shape.injection_steps, guidance_halves=shape.generated)
+            source_steps = shape.sampling_steps
+        latents = self.latent_bytes(shape.size, shape.frames * (source_steps + 4 * shape.branches))
         return features + latents + self.output_bytes(shape.size, shape.images)
+
+    def video_step_bytes(self, shape: RequestShape) -> int:
+        """What a video's sampling step holds beside its UNet calls (docs/cost-model.md §9): the keyframe pass's
+        kept attn1 inputs and outputs and its captured source features, and the nearest-neighbour search; 0 for
+        an image."""
+        if not shape.keyframes:
+            return 0
+        return self.keyframe_bytes(shape.size, shape.keyframes, shape.branches) + self.similarity_bytes(shape)
+
+    def self_attention_values(self, size: tuple[int, int]) -> int:
+        """The values of one frame's inputs (or outputs) of every attn1 together: the sum of C · n / 4^level."""
+        positions = self.latent_positions(size)
+        return sum(channels * (positions // 4**level) for level, channels in self.self_attention_layers)
+
+    def keyframe_bytes(self, size: tuple[int, int], keyframes: int, branches: int) -> int:
+        """What a video step keeps from its keyframe pass: for every attn1, the keyframes' source inputs S_k and
+        attn1 outputs A_k of the source and of each target branch (for the group passes, SPEC 7.4), and the
+        keyframes' captured source features (for the pass's target calls)."""
+        kept = (2 + branches) * self.self_attention_values(size) * self.value_bytes
+        return keyframes * (kept + sum(self.step_feature_bytes(size)))
+
+    def similarity_bytes(self, shape: RequestShape) -> int:
+        """A video's nearest-neighbour search at the top level, where it is widest: the cosine similarities of a
+        group pass call's rows, at most SIMILARITY_CHUNK_SCORES at once, and one keyframe's tokens normalised,
+        in float32 (the rows' own normalised tokens are within the call's activations: attn1 is not computed)."""
+        positions = self.latent_positions(shape.size)
+        rows = min(shape.frames, shape.keyframe_interval) * positions
+        scores = min(SIMILARITY_CHUNK_SCORES, rows * positions)
+        return (scores + positions * self.unet_channels[0]) * FLOAT32_BYTES
 
     def peak_bytes(self, shape: RequestShape, unet_batch: int, vae_batch: int, cache_bytes: int = 0) -> int:
         """The device's peak for a request: weights, the cache, and the request's own widest moment."""
@@ -183,10 +237,11 @@ class MemoryModel:
 
 @dataclass(frozen=True)
 class RequestShape:
-    """What of a request decides its memory: the working size (W, H), the sampling steps, the injected steps,
-    the UNet branches of a translation step (all prompts'), the latents of its largest UNet call were it not
-    split, its translation prompts, whether its source is generated (its features kept for both guidance
-    halves, its image returned first), and whether its features are new (not in the cache)."""
+    """What of a request decides its memory: the working size (W, H), the sampling steps, the injected steps whose
+    source features it keeps, the UNet branches of a sampling step (all prompts'), the latents of its largest
+    UNet call were it not split, its translation prompts, whether its source is generated (its features kept for
+    both guidance halves, its image returned first), whether its source is new (not in the cache), and for a
+    video its frames and keyframe_interval (an image: 1 frame, interval 0)."""
 
     size: tuple[int, int]
     sampling_steps: int
@@ -196,11 +251,13 @@ class RequestShape:
     prompts: int
     generated: bool
     new_source: bool
+    frames: int = 1
+    keyframe_interval: int = 0
 
     @classmethod
     def of(cls, config: PnPConfig, size: tuple[int, int], generated: bool, new_source: bool) -> RequestShape:
-        """The shape of a request of `config` at working size `size`: its UNet calls are a translation step's
-        branches, a generation step's two halves, the extraction's captured steps (features not cached),
+        """The shape of an image request of `config` at working size `size`: its UNet calls are a translation
+        step's branches, a generation step's two halves, the extraction's captured steps (features not cached),
         and auto_mask's K · (1 + P) noises."""
         prompts = len(config.translation_prompts)
         branches = prompts * (3 if config.negative_prompt.strip() else 2)
@@ -218,7 +275,39 @@ class RequestShape:
             new_source=new_source,
         )
 
+    @classmethod
+    def of_video(cls, config: PnPConfig, size: tuple[int, int], frames: int, new_source: bool) -> RequestShape:
+        """The shape of a video request of `frames` frames: its UNet calls are the inversion's frames (not
+        cached), a keyframe pass's branches of G keyframes and a group pass's of B frames; it keeps no source
+        features (SPEC 7.4: the source branch runs at every step)."""
+        prompts = len(config.translation_prompts)
+        branches = prompts * (3 if config.negative_prompt.strip() else 2)
+        keyframes = math.ceil(frames / config.keyframe_interval)
+        group = min(frames, config.keyframe_interval)
+        return cls(
+            size=size,
+            sampling_steps=config.num_inference_steps,
+            injection_steps=VIDEO_KEPT_FEATURES,
+            branches=branches,
+            largest_unet_call=max(branches * max(keyframes, group), frames if new_source else 0),
+            prompts=prompts,
+            generated=False,
+            new_source=new_source,
+            frames=frames,
+            keyframe_interval=config.keyframe_interval,
+        )
+
+    @property
+    def keyframes(self) -> int:
+        """A video's keyframes a step, G = ceil(F / B); 0 for an image."""
+        return math.ceil(self.frames / self.keyframe_interval) if self.keyframe_interval else 0
+
     @property
     def images(self) -> int:
-        """The images the request returns: a generated source's first, then one per prompt."""
-        return self.prompts + self.generated
+        """The images decoded together: a generated source's and one per prompt; a video's frames of one prompt."""
+        return self.frames if self.keyframe_interval else self.prompts + self.generated
+
+    def unet_call_latents(self, unet_batch: int) -> int:
+        """The latents of the request's largest UNet call at `unet_batch`: at most the unsplit call, at least a
+        video's keyframes (one branch's keyframes attend to each other, so they share a call)."""
+        return min(max(unet_batch, self.keyframes), self.largest_unet_call)

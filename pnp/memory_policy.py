@@ -1,10 +1,10 @@
-"""How one run of a request uses the device's memory (docs/cost-model.md §7-§8).
+"""How one run of a request uses the device's memory (docs/cost-model.md §7-§9).
 
 `MemoryPolicy.plan` reads what the device has free and, by the memory model, chooses the latents per UNet
-call and the images per VAE decoder call; `run` runs a phase and, after CUDA runs out of memory, frees what
-the request does not need and runs the phase again with half the failed call's batch, down to one (tried
-twice), then explains in the error what would fit; `leave_room` keeps the cache from taking what the next
-such request needs.
+call and the images per VAE decoder call, or refuses a request that cannot fit even at one a call; `run`
+runs a phase and, after CUDA runs out of memory, frees what the request does not need and runs the phase
+again with half the failed call's batch, down to one (tried twice), then explains in the error what would
+fit; `leave_room` keeps the cache from taking what the next such request needs.
 """
 
 from __future__ import annotations
@@ -126,21 +126,35 @@ class MemoryPolicy:
     ) -> MemoryPolicy:
         """`batch_latent_pixels` over a latent's positions per call where it is set; else what the free memory,
         less the margin and what the request holds, fits by the model, at most DEFAULT_BATCH_LATENT_PIXELS' worth
-        (docs/cost-model.md §8)."""
+        (docs/cost-model.md §8). Where the model needs more than is free even at one latent a call, an `InputError`
+        before any UNet work."""
         most = max(1, (batch_latent_pixels or DEFAULT_BATCH_LATENT_PIXELS) // model.latent_positions(shape.size))
         free = None if batch_latent_pixels else device.free_bytes()
         if free is None:
             return cls(model, shape, device, stats, most, most)
         room = usable_bytes(free) - model.held_bytes(shape)
         unet_latent = model.unet_latent_bytes(shape.size, guidance_halves=shape.generated)
-        return cls(
+        policy = cls(
             model,
             shape,
             device,
             stats,
-            unet_batch=fit_latents(room, unet_latent, most),
+            unet_batch=fit_latents(room - model.video_step_bytes(shape), unet_latent, most),
             vae_batch=fit_latents(room, model.vae_call_bytes(shape.size, 1), most),
         )
+        policy._refuse_what_cannot_fit(free)
+        return policy
+
+    def _refuse_what_cannot_fit(self, free: int) -> None:
+        """Refuse, before any UNet work, a request that by the model needs more than the device has free even at
+        one latent a call with the cache's other entries given back: it could only run out of memory later."""
+        needed = self.model.request_bytes(self.shape, 1, 1)
+        if needed <= free:
+            return
+        self.device.release()
+        free_now = self.device.free_bytes()
+        if free_now is not None and needed > free_now:
+            raise self._too_large("unet")
 
     def run(self, phase: Callable[..., T], *args: object) -> T:
         """`phase(*args)`, run again with smaller calls after each CUDA out-of-memory error: the phase starts
@@ -163,7 +177,7 @@ class MemoryPolicy:
         else:  # outside a call: the UNet's activations are what the run can shrink
             call, failed = "unet", min(self.unet_batch, self.shape.largest_unet_call)
         if failed <= 1 and call in self._retried_one_latent:
-            raise InputError("image_size", self.does_not_fit(call)) from error
+            raise self._too_large(call) from error
         if failed <= 1:
             self._retried_one_latent.add(call)
         batch = max(1, failed // 2)
@@ -174,33 +188,51 @@ class MemoryPolicy:
         self.stats.memory_retries += 1
         logger.warning("out of memory (%s); again with %d latents per %s call", error, batch, call.upper())
 
+    def _too_large(self, call: str) -> InputError:
+        """The error of a request that does not fit at one latent per `call`, naming video_frames for a video
+        (its frames are what the keyframe pass must hold at once) and image_size for an image."""
+        return InputError("video_frames" if self.shape.keyframes else "image_size", self.does_not_fit(call))
+
     def does_not_fit(self, call: str) -> str:
         """Why a run out of memory at one latent per `call` failed, and by the model what would fit in what the
         device has free now."""
         width, height = self.shape.size
         per_call = "one latent per UNet call" if call == "unet" else "one image per VAE decoder call"
-        message = (
-            f"a {width}x{height} working size with {self.shape.prompts} translation_prompts does not fit in the "
-            f"free memory of {self.device.name}, even {per_call}"
-        )
+        request = f"a {width}x{height} working size with {self.shape.prompts} translation_prompts"
+        if self.shape.keyframes:
+            request = f"a video of {self.shape.frames} frames at {request}"
+        message = f"{request} does not fit in the free memory of {self.device.name}, even {per_call}"
         free = self.device.free_bytes()
         if free is None:
-            return message + "; use a smaller image_size"
+            return f"{message}; use {'fewer video_frames or ' if self.shape.keyframes else ''}a smaller image_size"
         needed, usable = self.model.request_bytes(self.shape, 1, 1), usable_bytes(free)
-        spec = INPUTS["image_size"]
-        fitting = [
-            image_size
-            for image_size in range(spec.minimum, max(width, height), spec.multiple_of)
-            if self.model.request_bytes(replace(self.shape, size=working_size(width, height, image_size)), 1, 1)
-            <= usable
-        ]
-        advice = f"image_size {fitting[-1]} or less would" if fitting else "no image_size would"
         margin = max(MEMORY_MARGIN_BYTES, int(MEMORY_MARGIN_FRACTION * free))
         return (
             f"{message}: it needs {needed / 2**30:.1f} GiB beside the weights at one latent per call, and "
             f"the device has {free / 2**30:.1f} GiB free, of which {usable / 2**30:.1f} GiB may be used (the rest, "
-            f"{margin / 2**30:.1f} GiB, is kept for the kernels' workspaces); {advice} fit"
+            f"{margin / 2**30:.1f} GiB, is kept for the kernels' workspaces); {self._what_would_fit(usable)}"
         )
+
+    def _what_would_fit(self, usable: int) -> str:
+        """By the model at one latent a call, the largest image_size that fits `usable` bytes (the aspect ratio and
+        the prompts as they are) and for a video the most video_frames at its working size."""
+
+        def fits(shape: RequestShape) -> bool:
+            return self.model.request_bytes(shape, 1, 1) <= usable
+
+        width, height = self.shape.size
+        spec = INPUTS["image_size"]
+        sizes = [
+            image_size
+            for image_size in range(spec.minimum, max(width, height), spec.multiple_of)
+            if fits(replace(self.shape, size=working_size(width, height, image_size)))
+        ]
+        if not self.shape.keyframes:
+            return f"image_size {sizes[-1]} or less would fit" if sizes else "no image_size would fit"
+        frames = [count for count in range(1, self.shape.frames) if fits(replace(self.shape, frames=count))]
+        fewer = f"video_frames {frames[-1]} or fewer would" if frames else "no video_frames would"
+        smaller = f"image_size {sizes[-1]} or less would" if sizes else "no smaller image_size would"
+        return f"{fewer} fit at this working size, and {smaller} fit all {self.shape.frames} frames"
 
     def record(self) -> None:
         """Put the batches the run ended with, and what the model gives the request at them, in the stats."""

@@ -24,6 +24,15 @@ from .translation import Guidance
 
 KEYFRAME_SOURCE, KEYFRAME_TARGETS, GROUP_SOURCE, GROUP_TARGETS = "keyframe source", "keyframes", "group source", "group"
 
+VIDEO_KEPT_FEATURES = InjectionSteps(0, 0)
+"""A video keeps no source features between steps: its source branch runs at every sampling step (SPEC 7.4), so
+its cache entry holds the inversion only."""
+
+SIMILARITY_CHUNK_SCORES = 1 << 24
+"""Cosine similarities computed at once by the nearest-neighbour search: 64 MiB in float32, one frame's
+(4096, 4096) at 512 px. Row chunks of that size give the same argmax as the whole (n, n) matrix and keep a
+1024 px frame's 1 GiB from being held at once (docs/cost-model.md §9)."""
+
 
 def frame_groups(num_frames: int, keyframe_interval: int) -> list[range]:
     """Groups of `keyframe_interval` consecutive frames; the last may be shorter (no frame is dropped)."""
@@ -112,15 +121,20 @@ class FrameAttention:
         return blended.flatten(0, 1)
 
     def _nearest_positions(self, hidden: torch.Tensor, keyframes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """n1 (frames, n): for each frame's token, the position of the most cosine-similar token of this group's
-        keyframe; n2 likewise in the previous group's (None for the first group)."""
-        tokens = F.normalize(hidden.float(), dim=-1)
+        """n1 (frames, n): for each frame's token, its nearest position in this group's keyframe; n2 likewise in
+        the previous group's (None for the first group)."""
+        previous = nearest_positions(hidden, keyframes[self.group - 1]) if self.group > 0 else None
+        return nearest_positions(hidden, keyframes[self.group]), previous
 
-        def nearest(keyframe: torch.Tensor) -> torch.Tensor:
-            return (tokens @ F.normalize(keyframe.float(), dim=-1).T).argmax(dim=-1)
 
-        previous = nearest(keyframes[self.group - 1]) if self.group > 0 else None
-        return nearest(keyframes[self.group]), previous
+def nearest_positions(tokens: torch.Tensor, keyframe: torch.Tensor) -> torch.Tensor:
+    """For each token of `tokens` (frames, n, C), the position of the most cosine-similar token of `keyframe`
+    (n', C): (frames, n). Rows go SIMILARITY_CHUNK_SCORES similarities at a time; each row's argmax is its own."""
+    keys = F.normalize(keyframe.float(), dim=-1).T
+    rows = tokens.flatten(0, 1)
+    chunk = max(1, SIMILARITY_CHUNK_SCORES // keys.shape[1])
+    nearest = [(F.normalize(part.float(), dim=-1) @ keys).argmax(dim=-1) for part in rows.split(chunk)]
+    return torch.cat(nearest).view(tokens.shape[:2])
 
 
 @dataclass

@@ -14,9 +14,8 @@ from PIL import Image
 
 from .cache import CacheLookup, SourceCache, SourceEntry, SourceKey
 from .config import PnPConfig
-from .errors import InputError
 from .image_io import decoded_to_pixels, image_to_tensor, pixels_to_images, resized, working_size
-from .injection import InjectionSteps, SourceFeatures
+from .injection import SourceFeatures
 from .inversion import invert
 from .memory import MemoryModel, RequestShape
 from .memory_policy import DeviceMemory, MemoryPolicy
@@ -24,14 +23,11 @@ from .models import StableDiffusion, run_with_float32_retry
 from .prompts import PromptEmbeddings, encode_prompts, translation_guidance
 from .schedules import NoiseSchedule
 from .stats import CacheUse, PhaseTimer
-from .tokenflow import VideoDenoiser, draw_keyframes, frame_groups
+from .tokenflow import VIDEO_KEPT_FEATURES, VideoDenoiser, draw_keyframes, frame_groups
 from .translation import sample
 from .video_io import VideoSource, load_video
 
 logger = logging.getLogger(__name__)
-
-VIDEO_CACHE_STEPS = InjectionSteps(0, 0)
-"""A video's cache entry holds its inversion only: its source branch runs at every sampling step (SPEC 7.4)."""
 
 
 @dataclass(frozen=True)
@@ -85,29 +81,24 @@ class VideoPipeline:
 
     def _run(self, loaded: LoadedVideo, timer: PhaseTimer) -> tuple[list[list[Image.Image]], MemoryPolicy]:
         """One run: the inversion (cached), the sampling, each prompt's frames."""
-        cached = self.cache.lookup(loaded.key.in_dtype(self.model.dtype), VIDEO_CACHE_STEPS)
+        cached = self.cache.lookup(loaded.key.in_dtype(self.model.dtype), VIDEO_KEPT_FEATURES)
         timer.stats.cache = cached.use
         memory = self._plan_memory(loaded, cached, timer)
         embeddings = encode_prompts(self.model, loaded.config)
         source_latents = cached.entry.latents if cached.use is CacheUse.HIT else None
         if source_latents is None:
             source_latents = self._invert(loaded, cached, embeddings, memory, timer)
-        try:
-            final = memory.run(self._sample, loaded, source_latents, embeddings, memory, timer)
-        except InputError as error:  # even one frame a call ran out of memory
-            raise InputError(
-                "video_frames",
-                f"{len(loaded.frames)} frames do not fit: {error}; fewer video_frames or a smaller image_size would",
-            ) from error
+        final = memory.run(self._sample, loaded, source_latents, embeddings, memory, timer)
         with timer.phase("decode"):
             videos = memory.run(self._decode, final, memory)
         memory.record()
         return videos, memory
 
     def _plan_memory(self, loaded: LoadedVideo, cached: CacheLookup, timer: PhaseTimer) -> MemoryPolicy:
-        """The latents per UNet call and images per decoder call, as for one of its frames (what a video's
-        sampling keeps beside its calls is not modelled yet: docs/cost-model.md §9)."""
-        shape = RequestShape.of(loaded.config, loaded.frames[0].size, False, cached.use is not CacheUse.HIT)
+        """The latents per UNet call and images per decoder call by the memory model of the video's frames
+        (docs/cost-model.md §9); a video that cannot fit is refused here, before its inversion."""
+        new_source = cached.use is not CacheUse.HIT
+        shape = RequestShape.of_video(loaded.config, loaded.frames[0].size, len(loaded.frames), new_source)
         used = {cached.key, cached.key.in_dtype(torch.float32)}
         device = DeviceMemory.of(self.model.device, self.free_memory, self.cache, used)
         return MemoryPolicy.plan(MemoryModel.of(self.model), shape, device, timer.stats, self.batch_latent_pixels)
@@ -129,7 +120,7 @@ class VideoPipeline:
             )
         with timer.phase("inversion"):
             latents = memory.run(self._invert_frames, loaded, frame_latents, embeddings, memory)
-        no_features = SourceFeatures({}, VIDEO_CACHE_STEPS, guidance_halves=False)
+        no_features = SourceFeatures({}, VIDEO_KEPT_FEATURES, guidance_halves=False)
         self.cache.store(cached.key, SourceEntry(frame_latents, latents, no_features))
         return latents
 

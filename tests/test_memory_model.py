@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from pnp import InputError, PnPEngine
+from pnp import InputError, PnPConfig, PnPEngine
 from pnp.image_io import working_size
 from pnp.injection import InjectionSteps
 from pnp.memory import MemoryModel, RequestShape
@@ -83,6 +83,31 @@ def test_sd15_request_peaks_are_those_of_the_docs():
             row = f"| {size} px, {prompts} prompt{'s' if prompts > 1 else ''} | {most}, {min(most, prompts)} |"
             peaks = [sd15.peak_bytes(shape, most, most), sd15.peak_bytes(shape, 1, 1)]
             assert f"{row} {peaks[0] / GiB:.2f} GiB | {peaks[1] / GiB:.2f} GiB |" in docs
+
+
+def test_sd15_video_figures_are_those_of_the_docs():
+    """§9's SD 1.5 figures for 40 and 200 frames at 512 px, one prompt, float16, and 200 frames on a 24 GB card
+    (less about 1 GiB of CUDA context and 2 GiB of weights) with the default calls."""
+    sd15 = MemoryModel.from_configs(_SD15_UNET, _SD15_VAE, torch.float16, weight_bytes=2_132_470_768)
+    docs = (ROOT / "docs" / "cost-model.md").read_text()
+    square = (512, 512)
+    assert len(sd15.self_attention_layers) == 16 and f"V = {sd15.self_attention_values(square):,}" in docs
+    assert f"{sd15.unet_latent_bytes(square):,} B" in docs
+    rows = {}
+    for frames in (40, 200):
+        request = PnPConfig.from_mapping({"translation_prompts": "a fox", "video_frames": frames})  # the defaults
+        shape = RequestShape.of_video(request, square, frames, True)
+        assert f"{sd15.similarity_bytes(shape):,} B" in docs
+        rows.setdefault("latents", []).append(sd15.latent_bytes(square, frames * (50 + 4 * shape.branches)))
+        rows.setdefault("decoded", []).append(sd15.output_bytes(square, shape.images))
+        rows.setdefault("keyframe", []).append(sd15.keyframe_bytes(square, shape.keyframes, shape.branches))
+        rows.setdefault("default", []).append(f"{sd15.peak_bytes(shape, 16, 16) / GiB:.2f} GiB")
+        rows.setdefault("one latent", []).append(f"{sd15.peak_bytes(shape, 1, 1) / GiB:.2f} GiB")
+    for row in ("latents", "decoded", "keyframe"):
+        assert " | ".join(f"{figure:,} B" for figure in rows[row]) in docs
+    for row in ("default", "one latent"):
+        assert " | ".join(rows[row]) in docs
+    assert sd15.peak_bytes(shape, 16, 16) <= usable_bytes(23 * GiB)
 
 
 @pytest.mark.parametrize("size", [512, 1024])
@@ -191,3 +216,18 @@ def test_the_error_says_what_would_fit(engine: PnPEngine, free_memory, monkeypat
     free_memory(GiB)  # nothing fits
     with pytest.raises(InputError, match="no image_size would fit"):
         engine(request, None)
+
+
+def test_a_request_that_cannot_fit_is_refused_before_any_unet_work(engine: PnPEngine, free_memory):
+    """Less free than the model's need at one latent a call, even with the cache given back: an error naming
+    image_size, and no UNet evaluation; one byte more and it runs."""
+    request = config(inversion_prompt="refused")
+    size = working_size(*Image.open(HORSE).size, request.image_size)
+    needed = MemoryModel.of(engine.model).request_bytes(RequestShape.of(request, size, False, True), 1, 1)
+    free_memory(needed - 1)
+    evals = engine.model.injection_unet.evals
+    with pytest.raises(InputError, match=rf"^image_size: a {size[0]}x{size[1]} working size .* no image_size would"):
+        engine(request, HORSE)
+    assert engine.model.injection_unet.evals == evals
+    free_memory(needed)
+    assert len(engine(request, HORSE).images) == 1

@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pnp import InputError, PnPConfig, PnPEngine
+from pnp import InputError, PnPConfig, PnPEngine, memory_policy, tokenflow
 from pnp.image_io import decoded_to_pixels, pixels_to_images
+from pnp.memory import MemoryModel, RequestShape
+from pnp.memory_policy import usable_bytes
 from pnp.prompts import encode_prompts
 from pnp.schedules import negative_prompt_weights
 from pnp.tokenflow import draw_keyframes, frame_groups
@@ -46,6 +48,17 @@ def decoded_frames(path: Path) -> list[Image.Image]:
 
 def max_difference(first: Image.Image, second: Image.Image) -> int:
     return int(np.abs(pixels(first) - pixels(second)).max())
+
+
+def assert_same_up_to_ties(frames: list[Image.Image], expected: list[Image.Image]) -> None:
+    """The frames of one request run in other UNet batches: equal within 1 grey level, but for the few pixels
+    where a near-tie of the nearest-neighbour search went the other way (SPEC 7.1 allows it). The tiny model's
+    16-channel tokens have cosine-similarity margins down to 1e-7, the rounding that another batch size brings
+    to the convolutions; a flipped match moves about 0.1% of a frame's values by 2-4 grey levels. A split that
+    mixed up frames, branches or prompts moves most of them."""
+    for frame, other in zip(frames, expected, strict=True):
+        difference = np.abs(pixels(frame) - pixels(other))
+        assert (difference > 1).mean() <= 0.005 and difference.mean() <= 0.25, (difference > 1).mean()
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +118,7 @@ def test_several_prompts_equal_one_prompt_at_a_time(engine: PnPEngine, clip: Pat
     together = engine(request, video=clip).videos
     for prompt, frames in zip(request.translation_prompts, together, strict=True):
         (alone,) = engine(request.replace(translation_prompts=prompt), video=clip).videos
-        assert max(max_difference(a, b) for a, b in zip(frames, alone, strict=True)) <= 1
+        assert_same_up_to_ties(frames, alone)
 
 
 @pytest.mark.parametrize("negative", ["", "blurry"])
@@ -191,13 +204,14 @@ def test_the_engine_equals_a_naive_implementation_of_spec_7(engine: PnPEngine, c
         assert max(max_difference(a, b) for a, b in zip(frames, expected, strict=True)) <= 1
 
 
-def test_smaller_calls_give_the_same_frames(engine: PnPEngine, tiny_model_dir: Path, clip: Path):
+def test_smaller_calls_give_the_same_frames(engine: PnPEngine, clip: Path, monkeypatch):
     """With one latent a UNet call (batch_latent_pixels = one 16x16 latent), the keyframe pass's targets go one
     unit (a branch and prompt's 3 keyframes) a call, the source and the group passes one frame a call, and the
-    similarity search one frame at a time: the same frames, within 1 grey level."""
+    similarity search 7 rows of 256 similarities at a time: the same frames, up to ties."""
     request = video_config(translation_prompts="a robot horse; a zebra", inversion_prompt="chunked")
     whole = engine(request, video=clip).videos
     small = PnPEngine(engine.model, batch_latent_pixels=16 * 16)
+    monkeypatch.setattr(tokenflow, "SIMILARITY_CHUNK_SCORES", 7 * 16 * 16)
     calls: list[int] = []
     hook = engine.model.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     try:
@@ -206,7 +220,7 @@ def test_smaller_calls_give_the_same_frames(engine: PnPEngine, tiny_model_dir: P
         hook.remove()
     assert max(calls) == 3  # one unit of 3 keyframes; everything else a latent a call
     for frames, expected in zip(chunked, whole, strict=True):
-        assert max(max_difference(a, b) for a, b in zip(frames, expected, strict=True)) <= 1
+        assert_same_up_to_ties(frames, expected)
 
 
 def test_a_video_that_runs_out_of_memory_retries_with_smaller_calls(engine: PnPEngine, clip: Path, monkeypatch):
@@ -229,7 +243,74 @@ def test_a_video_that_runs_out_of_memory_retries_with_smaller_calls(engine: PnPE
     result = engine(request, video=clip)
     assert result.stats.memory_retries > 0 and result.stats.cache_hit
     for frames, expected in zip(result.videos, unconstrained, strict=True):
-        assert max(max_difference(a, b) for a, b in zip(frames, expected, strict=True)) <= 1
+        assert_same_up_to_ties(frames, expected)
     monkeypatch.setattr(unet, "unet_forward", limited(2))
-    with pytest.raises(InputError, match="video_frames: 5 frames do not fit"):
+    with pytest.raises(InputError, match="video_frames: a video of 5 frames at a 128x128 working size"):
         engine(request, video=clip)
+
+
+def test_the_similarity_search_in_chunks_is_the_whole_search(monkeypatch):
+    """Rows in chunks of 5 (across frame boundaries: 3 frames of 8 tokens) give every token the position of its
+    most cosine-similar keyframe token, as one (n, n') matrix and as a loop over tokens do."""
+    generator = torch.Generator().manual_seed(0)
+    tokens, keyframe = torch.randn(3, 8, 6, generator=generator), torch.randn(10, 6, generator=generator)
+    whole = tokenflow.nearest_positions(tokens, keyframe)
+    monkeypatch.setattr(tokenflow, "SIMILARITY_CHUNK_SCORES", 5 * 10)
+    chunked = tokenflow.nearest_positions(tokens, keyframe)
+    looped = [
+        [max(range(10), key=lambda k: torch.cosine_similarity(row, keyframe[k], dim=0).item()) for row in frame]
+        for frame in tokens
+    ]
+    assert chunked.tolist() == whole.tolist() == looped
+
+
+def test_a_step_keeps_what_the_memory_model_counts(engine: PnPEngine, clip: Path, monkeypatch):
+    """The keyframe pass's S_k and A_k (every attn1, the source and 2 prompts x 2 branches, 3 keyframes) are the
+    memory model's keyframe terms, byte for byte."""
+    kept: list[int] = []
+    finish = tokenflow.FrameAttention.finish_keyframes
+
+    def counted(frames: tokenflow.FrameAttention) -> None:
+        finish(frames)
+        layers = [*frames.sources.values(), *frames.source_outputs.values(), *frames.outputs.values()]
+        kept.append(sum(part.numel() * part.element_size() for parts in layers for part in parts))
+
+    monkeypatch.setattr(tokenflow.FrameAttention, "finish_keyframes", counted)
+    request = video_config(translation_prompts="a robot horse; a zebra", inversion_prompt="kept")
+    engine(request, video=clip)
+    model = MemoryModel.of(engine.model)
+    keyframes, branches = 3, 4
+    assert len(model.self_attention_layers) == sum(
+        name.endswith("attn1") for name, _ in engine.model.unet.named_modules()
+    )
+    assert (
+        kept
+        == [(2 + branches) * keyframes * model.self_attention_values((128, 128)) * model.value_bytes]
+        * request.num_inference_steps
+    )
+
+
+def test_a_video_that_cannot_fit_is_refused_before_its_inversion(engine: PnPEngine, clip: Path, monkeypatch):
+    """Where by the memory model the video needs more than the device has free, even a latent a call: an error
+    naming video_frames and what would fit, and no UNet evaluation."""
+    request = video_config(inversion_prompt="too long")
+    model = MemoryModel.of(engine.model)
+
+    def needed(frames: int) -> int:
+        return model.request_bytes(RequestShape.of_video(request, (128, 128), frames, new_source=True), 1, 1)
+
+    assert needed(1) < needed(2) < needed(3) < needed(5)
+    monkeypatch.setattr(engine, "free_memory", lambda: needed(5) - 1)
+    monkeypatch.setattr(memory_policy, "MEMORY_MARGIN_BYTES", 0)  # the tiny model needs megabytes, not a GiB
+    evals = engine.model.injection_unet.evals
+    with pytest.raises(InputError, match=r"^video_frames: a video of 5 frames at a 128x128 working size") as raised:
+        engine(request, video=clip)
+    assert engine.model.injection_unet.evals == evals
+    usable = usable_bytes(needed(5) - 1)
+    fitting = max(frames for frames in range(1, 5) if needed(frames) <= usable)
+    assert str(raised.value).endswith(
+        f"video_frames {fitting} or fewer would fit at this working size, and no smaller image_size would fit all 5 "
+        "frames"
+    )
+    monkeypatch.setattr(engine, "free_memory", lambda: needed(5))  # just enough: it runs
+    assert len(engine(request, video=clip).videos[0]) == 5
