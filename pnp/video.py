@@ -14,7 +14,7 @@ from PIL import Image
 
 from .cache import CacheLookup, SourceCache, SourceEntry, SourceKey
 from .config import PnPConfig
-from .image_io import decoded_to_pixels, image_to_tensor, pixels_to_images, resized, working_size
+from .image_io import decoded_to_pixels, image_to_tensor, pixels_to_images
 from .injection import SourceFeatures
 from .inversion import invert
 from .memory import MemoryModel, RequestShape
@@ -70,10 +70,10 @@ class VideoPipeline:
         """The video's frames at video_fps, at most video_frames, all brought to the first frame's working size
         (timed as "load"; a file that is not a video is refused, naming input_video)."""
         with timer.phase("load"):
-            clip = load_video(video, config.video_frames, config.video_fps)
-            size = working_size(*clip.frames[0].size, config.image_size)
-            # A stream whose resolution changes midway still gives one working size, as SPEC 7.1 asks.
-            frames = tuple(resized(frame, size) for frame in clip.frames)
+            # Brought to the working size as they are decoded: a stream whose resolution changes midway still
+            # gives one working size, as SPEC 7.1 asks.
+            clip = load_video(video, config.video_frames, config.video_fps, config.image_size)
+            frames = tuple(clip.frames)
             key = SourceKey.of(self.model.name, self.model.dtype, frames, config)
         logger.info("video: %d frames at %.3g fps, %dx%d", len(frames), clip.fps, *frames[0].size)
         timesteps = tuple(self.schedule.sampling_timesteps(config.num_inference_steps))

@@ -43,15 +43,17 @@ class Video:
     fps: float
 
 
-def load_video(source: VideoSource, video_frames: int, video_fps: float) -> Video:
+def load_video(source: VideoSource, video_frames: int, video_fps: float, image_size: int | None = None) -> Video:
     """Decode at most `video_frames` frames from the start of `source` (a path, bytes or binary file object).
 
     With `video_fps` 0 every frame is taken, at the video's average rate; otherwise, for k = 0, 1, ... until the
     stream ends, the last frame whose presentation time (from the first frame's) is at most k / video_fps, as
     FFmpeg's fps filter takes them: a frame taken for several k appears that often (the same image object).
     Decoding stops once enough frames are taken. Each frame has the stream's rotation and flips applied and any
-    transparency composited on white. Anything FFmpeg cannot read, a file without a video stream or decodable
-    frame, and frames over image_io.MAX_INPUT_PIXELS raise `InputError("input_video", ...)`.
+    transparency composited on white; with `image_size`, it is brought to the first frame's working size
+    (image_io.working_size) as it is taken, so that one frame at most is held at its own size (200 frames of
+    the largest allowed would be 30 GB). Anything FFmpeg cannot read, a file without a video stream or
+    decodable frame, and frames over image_io.MAX_INPUT_PIXELS raise `InputError("input_video", ...)`.
     """
     if video_frames < 1 or video_fps < 0:
         raise ValueError(f"video_frames must be at least 1 and video_fps at least 0, got {video_frames}, {video_fps}")
@@ -61,10 +63,10 @@ def load_video(source: VideoSource, video_frames: int, video_fps: float) -> Vide
         try:
             timed = _timed_frames(container, stream, rate)
             if video_fps == 0:
-                frames = [frame for _, _, frame in itertools.islice(timed, video_frames)]
+                frames = (frame for _, _, frame in itertools.islice(timed, video_frames))
             else:
                 frames = _frames_at_rate(timed, video_frames, Fraction(video_fps))
-            images = _upright_images(frames)
+            images = _upright_images(frames, image_size)
         except av.FFmpegError as exc:
             raise InputError(_INPUT_NAME, f"could not be decoded: corrupt or truncated data ({exc})") from exc
     if not images:
@@ -159,30 +161,39 @@ def _timed_frames(
 
 def _frames_at_rate(
     timed: Iterator[tuple[Fraction, Fraction, av.VideoFrame]], count: int, fps: Fraction
-) -> list[av.VideoFrame]:
+) -> Iterator[av.VideoFrame]:
     """FFmpeg's fps filter: for k = 0, 1, ..., the last frame starting at most k / fps, while k / fps is before
-    the end of the last frame; at most `count` of them, reading no frame past the one that shows they are all."""
-    taken: list[av.VideoFrame] = []
-    held = None  # the last frame starting at or before the next output time, len(taken) / fps
+    the end of the last frame; at most `count` of them, reading no frame past the one that shows they are all.
+    A frame taken for several k comes that many times in a row."""
+    taken = 0
+    held = None  # the last frame starting at or before the next output time, taken / fps
     end = Fraction(0)
     for start, frame_end, frame in timed:
-        while held is not None and len(taken) / fps < start:
-            taken.append(held)
-            if len(taken) == count:
-                return taken
+        while held is not None and taken / fps < start:
+            yield held
+            taken += 1
+            if taken == count:
+                return
         held, end = frame, frame_end
-    while held is not None and len(taken) / fps < end and len(taken) < count:
-        taken.append(held)
-    return taken
+    while held is not None and taken / fps < end and taken < count:
+        yield held
+        taken += 1
 
 
-def _upright_images(frames: list[av.VideoFrame]) -> list[Image.Image]:
-    """The RGB images of `frames`, each distinct frame converted once (a repeated frame is the same image)."""
-    images: dict[int, Image.Image] = {}
+def _upright_images(frames: Iterator[av.VideoFrame], image_size: int | None) -> list[Image.Image]:
+    """The upright RGB images of `frames`, with `image_size` at the first one's working size, each converted as
+    it comes; a frame repeated in a row is converted once (the same image)."""
+    images: list[Image.Image] = []
+    previous, size = None, None
     for frame in frames:
-        if id(frame) not in images:
-            images[id(frame)] = _upright_rgb(frame)
-    return [images[id(frame)] for frame in frames]
+        if frame is not previous:
+            image = _upright_rgb(frame)
+            if image_size is not None:
+                size = size or image_io.working_size(*image.size, image_size)
+                image = image_io.resized(image, size)
+            previous = frame
+        images.append(image)
+    return images
 
 
 def _upright_rgb(frame: av.VideoFrame) -> Image.Image:

@@ -410,3 +410,19 @@ def test_save_frames_writes_numbered_pngs(tmp_path: Path):
     assert [path.name for path in paths] == ["out-1-000.png", "out-1-001.png", "out-1-002.png"]
     for path, frame in zip(paths, frames, strict=True):
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(frame))
+
+
+@pytest.mark.parametrize("video_fps", [0.0, 25.0])
+def test_frames_are_brought_to_the_working_size_as_they_are_taken(tmp_path: Path, video_fps: float):
+    """With image_size, every frame (here upright after a 90 degree display rotation) comes at the first frame's
+    working size, the same pixels as resizing the full-size frames afterwards; a repeated frame is one image."""
+    path = write_video(tmp_path / "turned.mp4", [coloured(index) for index in range(4)], display=(90.0, False, False))
+    full = load_video(path, video_frames=40, video_fps=video_fps)
+    sized = load_video(path, video_frames=40, video_fps=video_fps, image_size=256)
+    size = image_io.working_size(HEIGHT, WIDTH, 256)  # upright: the sides swap, (192, 256)
+    assert full.frames[0].size == (HEIGHT, WIDTH) and len(sized.frames) == len(full.frames)
+    for frame, whole in zip(sized.frames, full.frames, strict=True):
+        assert frame.size == size
+        assert np.array_equal(np.asarray(frame), np.asarray(image_io.resized(whole, size)))
+    repeats = [i for i in range(1, len(full.frames)) if full.frames[i] is full.frames[i - 1]]
+    assert all(sized.frames[i] is sized.frames[i - 1] for i in repeats) and (repeats or video_fps == 0)
