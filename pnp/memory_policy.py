@@ -215,7 +215,9 @@ class MemoryPolicy:
 
     def _what_would_fit(self, usable: int) -> str:
         """By the model at one latent a call, the largest image_size that fits `usable` bytes (the aspect ratio and
-        the prompts as they are) and for a video the most video_frames at its working size."""
+        the prompts as they are) and for a video the most video_frames at its working size. Either makes another
+        source, not in the cache: its features and latents are counted."""
+        new_source = replace(self.shape, new_source=True)
 
         def fits(shape: RequestShape) -> bool:
             return self.model.request_bytes(shape, 1, 1) <= usable
@@ -225,11 +227,11 @@ class MemoryPolicy:
         sizes = [
             image_size
             for image_size in range(spec.minimum, max(width, height), spec.multiple_of)
-            if fits(replace(self.shape, size=working_size(width, height, image_size)))
+            if fits(replace(new_source, size=working_size(width, height, image_size)))
         ]
         if not self.shape.keyframes:
             return f"image_size {sizes[-1]} or less would fit" if sizes else "no image_size would fit"
-        frames = [count for count in range(1, self.shape.frames) if fits(replace(self.shape, frames=count))]
+        frames = [count for count in range(1, self.shape.frames) if fits(replace(new_source, frames=count))]
         fewer = f"video_frames {frames[-1]} or fewer would" if frames else "no video_frames would"
         smaller = f"image_size {sizes[-1]} or less would" if sizes else "no smaller image_size would"
         return f"{fewer} fit at this working size, and {smaller} fit all {self.shape.frames} frames"

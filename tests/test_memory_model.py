@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from pnp import InputError, PnPConfig, PnPEngine
 from pnp.image_io import working_size
 from pnp.injection import InjectionSteps
 from pnp.memory import MemoryModel, RequestShape
-from pnp.memory_policy import fit_latents, usable_bytes
+from pnp.memory_policy import DeviceMemory, MemoryPolicy, fit_latents, usable_bytes
+from pnp.stats import RunStats
 from pnp.testing import _SD15_UNET, _SD15_VAE
 from tests.helpers import HORSE, ROOT, config, entries_for, pixels
 
@@ -231,3 +233,19 @@ def test_a_request_that_cannot_fit_is_refused_before_any_unet_work(engine: PnPEn
     assert engine.model.injection_unet.evals == evals
     free_memory(needed)
     assert len(engine(request, HORSE).images) == 1
+
+
+def test_the_advice_counts_the_smaller_request_as_a_new_source(engine: PnPEngine):
+    """A cached request's features are in the cache, but at another image_size the source is new: what would
+    fit is judged with its features counted."""
+    model = MemoryModel.of(engine.model)
+    cached = RequestShape.of(config(image_size=256), (256, 256), generated=False, new_source=False)
+
+    def needed(size: int, new_source: bool) -> int:
+        return model.request_bytes(replace(cached, size=(size, size), new_source=new_source), 1, 1)
+
+    assert needed(192, False) < needed(192, True) and needed(128, True) < needed(192, False)
+    free = GiB + (needed(192, False) + needed(192, True)) // 2  # 192 px fits only without its features
+    device = DeviceMemory("cpu", lambda: free, lambda: None)
+    policy = MemoryPolicy(model, cached, device, RunStats(), unet_batch=1, vae_batch=1)
+    assert policy.does_not_fit("unet").endswith("; image_size 128 or less would fit")
