@@ -57,18 +57,19 @@ class FrameAttention:
     """What every attn1 does in the pass under way (SPEC 7.4), and what the passes hand on per layer: the
     keyframes' source attn1 inputs S (G, n, C), their attn1 outputs A, the source's (G, n, C) and the target
     units' (U, G, n, C), a unit being one (branch, prompt), and the current frames' nearest keyframe positions.
-    `units` are the target units of the call under way."""
+    `units` are the target units of the call under way; `group_keyframes` what the current group's passes read
+    of the kept tensors (`enter_group`)."""
 
     unet: InjectionUNet
     units_total: int
     mode: str = KEYFRAME_SOURCE
     units: range = range(1)
-    group: int = 0
     blend: torch.Tensor | None = None  # w per frame of the current group (g > 0)
     sources: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     source_outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    nearest: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    nearest: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    group_keyframes: dict[str, list[_Keyframe]] = field(default_factory=dict)
 
     def processor(self, layer: str, site: str | None) -> _LayerProcessor:
         return _LayerProcessor(self, layer, site)
@@ -105,26 +106,44 @@ class FrameAttention:
             for layer, parts in kept.items():
                 kept[layer] = [torch.cat(parts)]
 
+    def enter_group(self, g: int) -> None:
+        """Before group g's calls: per layer, its keyframe's kept tensors and (g > 0) group g - 1's. Taken here, not
+        in the calls, so that no group index enters them: a compiled UNet has the same graphs for every group."""
+        kept, groups = (self.sources, self.source_outputs, self.outputs), [g, g - 1] if g > 0 else [g]
+        self.group_keyframes = {
+            layer: [_Keyframe.of(k, *(tensors[layer][0] for tensors in kept)) for k in groups] for layer in self.sources
+        }
+
     def propagate(self, layer: str, hidden: torch.Tensor) -> torch.Tensor:
         """A group pass: attn1 is not computed; each frame's output at position j is the keyframes' output at
         the position nearest its source token (found in the source pass, used by every branch)."""
+        keyframes = self.group_keyframes[layer]
         if self.mode == GROUP_SOURCE:
-            self.nearest[layer] = self._nearest_positions(hidden, self.sources[layer][0])
-            outputs = self.source_outputs[layer][0].unsqueeze(0)
-        else:
-            outputs = self.outputs[layer][0][self.units.start : self.units.stop]
-        first, second = self.nearest[layer]
-        blended = outputs[:, self.group][:, first]
-        if second is not None:
-            weight = self.blend.to(blended.dtype)[None, :, None, None]
-            blended = weight * blended + (1 - weight) * outputs[:, self.group - 1][:, second]
-        return blended.flatten(0, 1)
+            self.nearest[layer] = [nearest_positions(hidden, keyframe.source) for keyframe in keyframes]
+        units = slice(self.units.start, self.units.stop)
+        outputs = [
+            (keyframe.source_output.unsqueeze(0) if self.mode == GROUP_SOURCE else keyframe.outputs[units])[:, nearest]
+            for keyframe, nearest in zip(keyframes, self.nearest[layer], strict=True)
+        ]
+        if len(outputs) == 1:
+            return outputs[0].flatten(0, 1)
+        weight = self.blend.to(outputs[0].dtype)[None, :, None, None]
+        return (weight * outputs[0] + (1 - weight) * outputs[1]).flatten(0, 1)
 
-    def _nearest_positions(self, hidden: torch.Tensor, keyframes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """n1 (frames, n): for each frame's token, its nearest position in this group's keyframe; n2 likewise in
-        the previous group's (None for the first group)."""
-        previous = nearest_positions(hidden, keyframes[self.group - 1]) if self.group > 0 else None
-        return nearest_positions(hidden, keyframes[self.group]), previous
+
+@dataclass(frozen=True)
+class _Keyframe:
+    """What one attn1 layer's group passes read of one keyframe: its source input S_k (n, C), the source's attn1
+    output (n, C) and the target units' (U, n, C)."""
+
+    source: torch.Tensor
+    source_output: torch.Tensor
+    outputs: torch.Tensor
+
+    @classmethod
+    def of(cls, k: int, sources: torch.Tensor, source_outputs: torch.Tensor, outputs: torch.Tensor) -> _Keyframe:
+        """Group k's keyframe in the kept S (G, n, C), source outputs (G, n, C) and target outputs (U, G, n, C)."""
+        return cls(sources[k], source_outputs[k], outputs[:, k])
 
 
 def nearest_positions(tokens: torch.Tensor, keyframe: torch.Tensor) -> torch.Tensor:
@@ -245,7 +264,8 @@ class VideoDenoiser:
         """Group g's frames, as many a call as `unet_batch` holds with every unit's rows, else one frame a call
         and its units split as `unet_batch` holds: each target branch's UNet output (branches, P, |group|, C, h,
         w). A frame's rows depend on no other frame's here, so the split changes nothing."""
-        group, frames.group, total = self.groups[g], g, frames.units_total
+        group, total = self.groups[g], frames.units_total
+        frames.enter_group(g)
         per_call = max(1, self.unet_batch // total)
         outputs = []
         for start in range(group.start, group.stop, per_call):

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pnp import ModelError, PnPConfig, PnPEngine
+from pnp import ModelError, PnPConfig, PnPEngine, tokenflow
 from pnp.compilation import Compilable
 from pnp.models import select_compile
 from tests.helpers import HORSE, config
+from tests.test_video import assert_same_up_to_ties, horse_frames, video_config, write_video
 
 REQUESTS = [
     {"translation_prompts": "a robot horse"},
@@ -187,3 +188,34 @@ def test_warm_up_runs_a_default_request_then_compiles_no_more_and_keeps_the_cach
     assert graphs == [] and engine.model.compiled
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(reference.images[0]))
     torch._dynamo.reset()
+
+
+def test_a_compiled_video_has_the_same_graphs_for_every_group(tiny_model_dir, tmp_path, monkeypatch):
+    """Seven frames in groups of 2, 2, 2 and 1: the third group's passes compile no graph of their own (the
+    group's keyframes are handed to the UNet as tensors, not picked by a group index inside it), so a video's
+    graphs do not grow with its length; the frames are the eager engine's, up to ties."""
+    eager = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu", compile=False)
+    compiled = PnPEngine.from_pretrained(str(tiny_model_dir), device="cpu", compile=False)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compiled.model.compile(backend=counting_backend)
+    new_graphs: dict[int, int] = {}
+    group_pass = tokenflow.VideoDenoiser._group_pass
+
+    def counted(denoiser, frames, x, step, g):
+        before = len(graphs)
+        output = group_pass(denoiser, frames, x, step, g)
+        new_graphs[g] = new_graphs.get(g, 0) + len(graphs) - before
+        return output
+
+    monkeypatch.setattr(tokenflow.VideoDenoiser, "_group_pass", counted)
+    # Every step injects both kinds of feature: one injection pattern, fewer graphs to trace.
+    request = video_config(feature_injection_threshold=1.0, attention_injection_threshold=1.0)
+    clip = write_video(tmp_path, horse_frames(7))
+    result = compiled(request, video=clip)
+    assert new_graphs[1] > 0 and new_graphs[2] == 0 and new_graphs[3] > 0  # the last group is shorter
+    assert_same_up_to_ties(result.videos[0], eager(request, video=clip).videos[0])
