@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .engine import PnPEngine, PnPResult
+from .stats import PhaseTimer
 from .video_io import save_videos
 
 
@@ -36,7 +37,7 @@ def log_to_stderr() -> None:
 def write_videos(result: PnPResult, out_dir: str | os.PathLike) -> list[Path]:
     """A video request's output: each prompt's frames as out-K.mp4 in `out_dir` at the frames' rate. The seconds are
     the request's phase "encode" (SPEC 7.5), so the logs' summary and the metrics show them: print those after."""
-    with result.stats.timed("encode"):
+    with PhaseTimer.without_unet(result.stats).phase("encode"):
         return save_videos(result.videos, out_dir, result.fps)
 
 

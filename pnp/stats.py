@@ -1,5 +1,5 @@
 """What a request cost and did: seconds and UNet evaluations per phase, where its source came from, its masks,
-its memory and its retries; timed by `PhaseTimer` (a front end's video encoding by `RunStats.timed`), and
+its memory and its retries; timed by `PhaseTimer` (a front end's video encoding too, `PhaseTimer.without_unet`), and
 rendered once for people (`notes`, used by the logs' `summary` and the web page's `headline`) and once as data
 (`metrics`, Cog's metrics).
 """
@@ -19,7 +19,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 PHASES = ("load", "inversion", "extraction", "generation", "mask", "translation", "decode")
-# "encode" is the front ends' MP4 writing, after the engine returns (RunStats.timed); the Python API, which returns
+# "encode" is the front ends' MP4 writing, after the engine returns; the Python API, which returns
 # frames, leaves it at 0.
 VIDEO_PHASES = ("load", "inversion", "keyframes", "groups", "decode", "encode")
 
@@ -79,19 +79,6 @@ class RunStats:
     def cache_hit(self) -> bool:
         """Whether the inversion and all the features the request injects came from the cache."""
         return self.cache is CacheUse.HIT
-
-    @contextmanager
-    def timed(self, name: str) -> Iterator[None]:
-        """Time the block as the phase `name`, logged as PhaseTimer logs the engine's phases: for work after the
-        engine has returned, with no UNet and nothing queued on the device (the front ends' MP4 encoding)."""
-        logger.info("%s ...", name)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            phase = self.phases[name]
-            phase.seconds += time.perf_counter() - start
-            logger.info("%s done: %.2f s, %d UNet evals", name, phase.seconds, phase.unet_evals)
 
     def notes(self) -> list[str]:
         """What the request did, a phrase each: its source, its mask, and its retries."""
@@ -157,6 +144,11 @@ class CountsEvals(Protocol):
 
 
 @dataclass(frozen=True)
+class _NoUNet:
+    evals: int = 0
+
+
+@dataclass(frozen=True)
 class PhaseTimer:
     """Adds each phase's seconds and the UNet evaluations `unet` counted in it to `stats`, after waiting for
     `device`, so that a phase's seconds include the work it queued."""
@@ -164,6 +156,12 @@ class PhaseTimer:
     stats: RunStats
     unet: CountsEvals
     device: torch.device
+
+    @classmethod
+    def without_unet(cls, stats: RunStats) -> PhaseTimer:
+        """A timer for work after the engine has returned, with no UNet and nothing queued on a device (the front
+        ends' MP4 encoding)."""
+        return cls(stats, _NoUNet(), torch.device("cpu"))
 
     @contextmanager
     def phase(self, name: str, log: bool = True) -> Iterator[None]:
