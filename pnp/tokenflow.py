@@ -120,10 +120,10 @@ class FrameAttention:
         keyframes = self.group_keyframes[layer]
         if self.mode == GROUP_SOURCE:
             self.nearest[layer] = [nearest_positions(hidden, keyframe.source) for keyframe in keyframes]
-        units = slice(self.units.start, self.units.stop)
+        units = None if self.mode == GROUP_SOURCE else slice(self.units.start, self.units.stop)
         outputs = [
-            (keyframe.source_output.unsqueeze(0) if self.mode == GROUP_SOURCE else keyframe.outputs[units])[:, nearest]
-            for keyframe, nearest in zip(keyframes, self.nearest[layer], strict=True)
+            keyframe.attn1_outputs(units)[:, positions]
+            for keyframe, positions in zip(keyframes, self.nearest[layer], strict=True)
         ]
         if len(outputs) == 1:
             return outputs[0].flatten(0, 1)
@@ -144,6 +144,11 @@ class _Keyframe:
     def of(cls, k: int, sources: torch.Tensor, source_outputs: torch.Tensor, outputs: torch.Tensor) -> _Keyframe:
         """Group k's keyframe in the kept S (G, n, C), source outputs (G, n, C) and target outputs (U, G, n, C)."""
         return cls(sources[k], source_outputs[k], outputs[:, k])
+
+    def attn1_outputs(self, units: slice | None) -> torch.Tensor:
+        """The attn1 outputs a pass reads, (rows, n, C): the source's (a source pass: `units` None), else the call's
+        target units'."""
+        return self.source_output.unsqueeze(0) if units is None else self.outputs[units]
 
 
 def nearest_positions(tokens: torch.Tensor, keyframe: torch.Tensor) -> torch.Tensor:
