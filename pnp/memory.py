@@ -235,6 +235,12 @@ class MemoryModel:
         return self.weight_bytes + cache_bytes + self.request_bytes(shape, unet_batch, vae_batch)
 
 
+def _sampling_branches(config: PnPConfig) -> int:
+    """The target branches of a sampling step, all prompts': unconditional and conditional, and the negative
+    prompt's where one is given (at its most: its schedule may drop it at some steps)."""
+    return len(config.translation_prompts) * (3 if config.negative_prompt.strip() else 2)
+
+
 @dataclass(frozen=True)
 class RequestShape:
     """What of a request decides its memory: the working size (W, H), the sampling steps, the injected steps whose
@@ -259,8 +265,7 @@ class RequestShape:
         """The shape of an image request of `config` at working size `size`: its UNet calls are a translation
         step's branches, a generation step's two halves, the extraction's captured steps (features not cached),
         and auto_mask's K · (1 + P) noises."""
-        prompts = len(config.translation_prompts)
-        branches = prompts * (3 if config.negative_prompt.strip() else 2)
+        prompts, branches = len(config.translation_prompts), _sampling_branches(config)
         calls = [branches, 2 if generated else 0, config.injection_steps.capture_steps if new_source else 0]
         if config.auto_mask:
             calls.append(MASK_NOISES * (1 + prompts))
@@ -280,8 +285,7 @@ class RequestShape:
         """The shape of a video request of `frames` frames: its UNet calls are the inversion's frames (not
         cached), a keyframe pass's branches of G keyframes and a group pass's of B frames; it keeps no source
         features (SPEC 7.4: the source branch runs at every step)."""
-        prompts = len(config.translation_prompts)
-        branches = prompts * (3 if config.negative_prompt.strip() else 2)
+        prompts, branches = len(config.translation_prompts), _sampling_branches(config)
         keyframes = math.ceil(frames / config.keyframe_interval)
         group = min(frames, config.keyframe_interval)
         return cls(
