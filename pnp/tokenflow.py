@@ -196,9 +196,13 @@ class VideoDenoiser:
     timer: PhaseTimer
     unet_batch: int
     _device_timesteps: list[torch.Tensor] = field(init=False, repr=False)
+    _blend_weights: list[torch.Tensor | None] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._device_timesteps = device_timesteps(list(self.timesteps), self.guidance.conditional.device)
+        device = self.guidance.conditional.device
+        self._device_timesteps = device_timesteps(list(self.timesteps), device)
+        # The same at every step: made on the device once, not copied there for each group pass.
+        self._blend_weights = [self._blend(g).to(device) if g > 0 else None for g in range(len(self.groups))]
 
     def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
         branches = self.guidance.branches(step)
@@ -269,13 +273,13 @@ class VideoDenoiser:
         """Group g's frames, as many a call as `unet_batch` holds with every unit's rows, else one frame a call
         and its units split as `unet_batch` holds: each target branch's UNet output (branches, P, |group|, C, h,
         w). A frame's rows depend on no other frame's here, so the split changes nothing."""
-        group, total = self.groups[g], frames.units_total
+        group, total, weights = self.groups[g], frames.units_total, self._blend_weights[g]
         frames.enter_group(g)
         per_call = max(1, self.unet_batch // total)
         outputs = []
         for start in range(group.start, group.stop, per_call):
             chunk = range(start, min(start + per_call, group.stop))
-            frames.blend = self._blend(g, chunk).to(x.device) if g > 0 else None
+            frames.blend = None if weights is None else weights[chunk.start - group.start : chunk.stop - group.start]
             captured = self._source(frames, step, list(chunk), keyframes=False)
             latents, units_a_call = x[:, chunk.start : chunk.stop], max(1, self.unet_batch // len(chunk))
             parts = [
@@ -285,10 +289,11 @@ class VideoDenoiser:
             outputs.append(torch.cat(parts).unflatten(0, (-1, self.guidance.count, len(chunk))))
         return torch.cat(outputs, dim=2)
 
-    def _blend(self, g: int, chunk: range) -> torch.Tensor:
-        """w = sigmoid(d2 / (d1 + d2)) per frame, d1 and d2 its distances to group g's and g - 1's centres."""
-        near = torch.tensor([abs(f - self._centre(g)) for f in chunk], dtype=torch.float32)
-        far = torch.tensor([abs(f - self._centre(g - 1)) for f in chunk], dtype=torch.float32)
+    def _blend(self, g: int) -> torch.Tensor:
+        """w = sigmoid(d2 / (d1 + d2)) per frame of group g, d1 and d2 its distances to group g's and g - 1's
+        centres."""
+        near = torch.tensor([abs(f - self._centre(g)) for f in self.groups[g]], dtype=torch.float32)
+        far = torch.tensor([abs(f - self._centre(g - 1)) for f in self.groups[g]], dtype=torch.float32)
         return torch.sigmoid(far / (near + far))
 
     def _centre(self, g: int) -> int:
