@@ -252,13 +252,18 @@ def test_display_matrix_is_applied(tmp_path: Path, display: tuple[float, bool, b
 # --- refusals --------------------------------------------------------------------------------------------
 
 
+def mux_silence(container: av.container.OutputContainer) -> None:
+    """An AAC stream of 1024 silent samples in `container`."""
+    stream = container.add_stream("aac", rate=44100)
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+    frame.sample_rate, frame.pts = 44100, 0
+    container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+
+
 def audio_only(path: Path) -> Path:
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("aac", rate=44100)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 44100, 0
-        container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+        mux_silence(container)
     return path
 
 
@@ -267,11 +272,7 @@ def video_stream_without_frames(path: Path) -> Path:
     with av.open(str(path), mode="w") as container:
         video = container.add_stream("libx264", rate=10)
         video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        audio = container.add_stream("aac", rate=44100)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 44100, 0
-        container.mux(audio.encode(frame))
-        container.mux(audio.encode())
+        mux_silence(container)
     return path
 
 
