@@ -19,7 +19,7 @@ from cog import BaseRunner, Input, Path
 
 from pnp.config import PnPConfig, check_output_format
 from pnp.engine import PnPEngine
-from pnp.frontend import LatestOutputs, write_videos
+from pnp.frontend import LatestOutputs, run_request
 from pnp.image_io import save_images
 
 logger = logging.getLogger("pnp.predict")
@@ -149,8 +149,8 @@ class Predictor(BaseRunner):
         video_frames: int = Input(
             default=40,
             ge=1,
-            le=200,
-            description="With input_video: the most frames to edit, from the video's start (at video_fps).",
+            le=1800,
+            description="With input_video: the most frames to edit, from the video's start (at video_fps); up to a minute at 30 fps. Past 25 keyframe groups the keyframes go in windows beside 8 anchors, so memory stays bounded.",
         ),
         video_fps: float = Input(
             default=0.0,
@@ -189,12 +189,11 @@ class Predictor(BaseRunner):
         )
         check_output_format(output_format)
 
-        # The engine refuses a video with another source or a mask, naming input_video.
-        result = self.engine(config, image=input_image, mask=mask, video=input_video)
         out_dir = self.outputs.fresh()
-        if input_video is not None:
-            paths = write_videos(result, out_dir)  # before the summary: it shows the encoding's seconds
-        else:
+        # The engine refuses a video with another source or a mask, naming input_video.
+        sources = {"image": input_image, "mask": mask, "video": input_video}
+        result, paths = run_request(self.engine, config, out_dir, sources)
+        if input_video is None:
             paths = save_images(result.images, out_dir, output_format)
 
         if result.seed is not None:

@@ -27,7 +27,7 @@ from PIL import Image
 from .config import PUBLIC_INPUTS, InputSpec, PnPConfig
 from .engine import PnPEngine
 from .errors import InputError, PnPError
-from .frontend import LatestOutputs, add_model_options, load_engine, log_to_stderr, write_videos
+from .frontend import LatestOutputs, add_model_options, load_engine, log_to_stderr, run_request
 from .image_io import load_image, save_images
 from .progress import reporting_to
 
@@ -132,15 +132,14 @@ class App:
             config = PnPConfig.from_mapping(inputs)
             if config.generation_mode:
                 image = mask = None  # as in the schema: a generation prompt ignores input_image
+            out_dir = self.outputs.fresh()
             with reporting_to(lambda phase, done, total: progress((done, total), desc=phase)):
                 # The engine refuses a video with an image, a generation prompt or a mask, naming input_video.
-                result = self.engine(config, image, mask=mask, video=input_video)
+                sources = {"image": image, "mask": mask, "video": input_video}
+                result, paths = run_request(self.engine, config, out_dir, sources)
         except PnPError as error:
             raise gr.Error(str(error)) from None
-        out_dir = self.outputs.fresh()
-        if input_video is not None:
-            paths = write_videos(result, out_dir)  # before the headline: it counts the encoding's seconds
-        else:
+        if input_video is None:
             paths = save_images(result.images, out_dir, output_format)
         return [str(path) for path in paths], result.masks, result.stats.headline()
 

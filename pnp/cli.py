@@ -21,9 +21,8 @@ from pathlib import Path
 from .config import INPUTS, OUTPUT_FORMAT, PnPConfig, load_preset
 from .engine import PnPResult
 from .errors import InputError, PnPError
-from .frontend import add_model_options, load_engine, log_to_stderr, write_videos
+from .frontend import add_model_options, load_engine, log_to_stderr, run_request
 from .image_io import save_images, save_masks
-from .video_io import save_frames
 
 # The containers taken for a video by their suffix. A GIF stays an image, as it always was here (Pillow reads its
 # first frame): `--video` edits an animated GIF's frames, or those of a container with another suffix.
@@ -104,15 +103,8 @@ def is_video(args: argparse.Namespace, config: PnPConfig) -> bool:
     return args.video or Path(args.inputs[0]).suffix.lower() in VIDEO_SUFFIXES
 
 
-def write_outputs(result: PnPResult, args: argparse.Namespace) -> list[Path]:
-    """The request's files in `--out`: its images (and with --save-masks its masks), or one MP4 per prompt (and
-    with --save-frames its frames)."""
-    if result.videos:
-        paths = write_videos(result, args.out)
-        if args.save_frames:
-            for index, frames in enumerate(result.videos):
-                paths += save_frames(frames, args.out, prefix=f"out-{index}")
-        return paths
+def save_outputs(result: PnPResult, args: argparse.Namespace) -> list[Path]:
+    """An image request's files in `--out`: its images, and with --save-masks its masks."""
     paths = save_images(result.images, args.out, args.output_format)
     if args.save_masks:
         # Each prompt's mask beside its image: after the generated source, if there is one.
@@ -138,11 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     video = is_video(args, config)
     try:
         engine = load_engine(args)
-        result = engine(config, None if video else source, mask=args.mask, video=source if video else None)
+        sources = {"image": None if video else source, "mask": args.mask, "video": source if video else None}
+        # A video's MP4s (and with --save-frames its frames) are written as its frames are decoded.
+        result, paths = run_request(engine, config, args.out, sources, save_frames=args.save_frames)
     except PnPError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    for path in write_outputs(result, args):
+    for path in paths if video else save_outputs(result, args):
         print(path)
     if result.seed is not None:
         print(f"seed: {result.seed}")

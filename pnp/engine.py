@@ -48,7 +48,7 @@ from .schedules import NoiseSchedule
 from .source import GeneratedImage, RealImage, Source, SourceLatents
 from .stats import VIDEO_PHASES, CacheUse, PhaseTimer, RunStats
 from .translation import Denoiser, Guidance, Injection, generate_source, sample
-from .video import VideoPipeline
+from .video import FrameLists, FrameSink, VideoPipeline
 from .video_io import VideoSource
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class Run:
 class PnPResult:
     """The output images (a generated source first, then one per prompt), the seed used, the stats, with
     auto_mask each prompt's mask m_px as a grey image (white edits, black keeps the source), and for a video
-    each prompt's frames (before encoding) and their rate."""
+    each prompt's frames (none where they went to a `frames_to`) and their rate."""
 
     images: list[Image.Image]
     seed: int | None
@@ -160,9 +160,11 @@ class PnPEngine:
         image: ImageSource | None = None,
         mask: ImageSource | None = None,
         video: VideoSource | None = None,
+        frames_to: FrameSink | None = None,
     ) -> PnPResult:
         """Translate `image` (or, in generation mode, a source generated from `config.generation_prompt`), or
-        the frames of `video` (SPEC 7: `PnPResult.videos`).
+        the frames of `video` (docs/algorithm.md §11: `PnPResult.videos`, or with `frames_to` each prompt's frames
+        handed there as they are decoded, `pnp.video_io.Mp4Clips` writing them as MP4s, and none held).
 
         With a `mask` (real images only), white regions are edited and black ones keep the input exactly
         (docs/algorithm.md §8); with `config.auto_mask` each prompt gets its own mask (§10), returned in
@@ -172,7 +174,9 @@ class PnPEngine:
         self.check_inputs(config, image, mask, video)
         if video is not None:
             timer = PhaseTimer(RunStats.of(VIDEO_PHASES), self.model.injection_unet, self.model.device)
-            videos, fps = self.videos(config, video, timer)
+            sink = frames_to or FrameLists()
+            fps = self.videos(config, video, sink, timer)
+            videos = sink.videos if isinstance(sink, FrameLists) else []
             return PnPResult(images=[], seed=None, stats=timer.stats, videos=videos, fps=fps)
         timer = PhaseTimer(RunStats(), self.model.injection_unet, self.model.device)
         request = self.load_request(config, image, mask, timer)

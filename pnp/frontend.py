@@ -1,6 +1,6 @@
 """What the command line, the web page and the Cog predictor share: the model options and loading the engine
-from them, the logging of the command line and the page, writing a video request's MP4s, and the servers' one
-output directory at a time.
+from them, the logging of the command line and the page, running a request whose video frames go into MP4s as
+they are decoded, and the servers' one output directory at a time.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
+from .config import PnPConfig
 from .engine import PnPEngine, PnPResult
-from .stats import PhaseTimer
-from .video_io import save_videos
+from .video_io import Mp4Clips
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -34,11 +35,22 @@ def log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
-def write_videos(result: PnPResult, out_dir: str | os.PathLike) -> list[Path]:
-    """A video request's output: each prompt's frames as out-K.mp4 in `out_dir` at the frames' rate. The seconds are
-    the request's phase "encode" (SPEC 7.5), so the logs' summary and the metrics show them: print those after."""
-    with PhaseTimer.without_unet(result.stats).phase("encode"):
-        return save_videos(result.videos, out_dir, result.fps)
+def run_request(
+    engine: PnPEngine,
+    config: PnPConfig,
+    out_dir: str | os.PathLike,
+    sources: Mapping[str, object | None],
+    save_frames: bool = False,
+) -> tuple[PnPResult, list[Path]]:
+    """Run one request on `engine` with its `sources` (`image`, `mask`, `video` as the engine takes them). A video's
+    frames go into out-K.mp4 in `out_dir` as they are decoded, with the clip's sound (with `save_frames` also as PNG),
+    so none is held: the MP4s are its files. An image request's result comes back with no files: the caller saves
+    its images as its format asks."""
+    if sources.get("video") is None:
+        return engine(config, sources.get("image"), mask=sources.get("mask")), []
+    with Mp4Clips(out_dir, save_frames=save_frames) as clips:
+        result = engine(config, sources.get("image"), mask=sources.get("mask"), video=sources["video"], frames_to=clips)
+    return result, clips.paths
 
 
 class LatestOutputs:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from .automask import MASK_NOISES
 from .config import PnPConfig
 from .injection import ATTENTION_SITES, RESNET_SITE, InjectionSteps
 from .models import StableDiffusion, vae_scale_factor
-from .tokenflow import SIMILARITY_CHUNK_SCORES, VIDEO_KEPT_FEATURES
+from .tokenflow import SIMILARITY_CHUNK_SCORES, VIDEO_KEPT_FEATURES, window_layout
 
 # A transformer block's feed-forward (GEGLU, 4x wider) holds its input (1 width), the projection (8), the
 # gate's GELU (4) and the product (4), beside the block's and the transformer's residuals (2 + 1).
@@ -68,7 +68,8 @@ class MemoryModel:
 
     `unet_channels` and `unet_layers` are the UNet's `block_out_channels` and `layers_per_block`, `vae_channels`
     the VAE's `block_out_channels` (its decoder runs them in reverse), `value_bytes` the size of one value in
-    the model's dtype, `self_attention_layers` the (level, channels) of each attn1.
+    the model's dtype, `self_attention_layers` the (level, channels) of each attn1, `host_device` whether the
+    device is the host's memory (the CPU), where what a video keeps on the host counts too.
     """
 
     weight_bytes: int
@@ -79,6 +80,7 @@ class MemoryModel:
     unet_layers: int
     vae_channels: tuple[int, ...]
     self_attention_layers: tuple[tuple[int, int], ...]
+    host_device: bool = False
 
     @classmethod
     def from_configs(
@@ -106,7 +108,8 @@ class MemoryModel:
             for module in modules
             for tensor in [*module.parameters(), *module.buffers()]
         )
-        return cls.from_configs(model.unet.config, model.vae.config, model.dtype, weight_bytes)
+        memory = cls.from_configs(model.unet.config, model.vae.config, model.dtype, weight_bytes)
+        return replace(memory, host_device=model.device.type == "cpu")
 
     def latent_positions(self, size: tuple[int, int]) -> int:
         """Latent positions n = (W / f)(H / f) at a working size (W, H)."""
@@ -182,18 +185,31 @@ class MemoryModel:
 
     def request_bytes(self, shape: RequestShape, unet_batch: int, vae_batch: int) -> int:
         """What a request holds beside the weights and the cache, at its widest moment: what it holds through its
-        calls, and the larger of a sampling step (one UNet call of `unet_batch` latents, a video's keyframes of
-        one branch together, with what a video's step keeps) and one VAE decoder call of at most `vae_batch`
-        images."""
+        calls, and the largest of a sampling step (one UNet call of `unet_batch` latents, a video's keyframes of
+        one branch together, with what a video's step keeps), a new video's inversion call and one VAE decoder
+        call of at most `vae_batch` images (with a video's decoded frames: they are handed on a call at a time)."""
         unet_latent = self.unet_latent_bytes(shape.size, guidance_halves=shape.generated)
         unet = shape.unet_call_latents(unet_batch) * unet_latent + self.video_step_bytes(shape)
-        vae = self.vae_call_bytes(shape.size, min(vae_batch, shape.images))
+        decoded = min(vae_batch, shape.images)
+        vae = self.vae_call_bytes(shape.size, decoded)
+        if shape.keyframe_interval:
+            vae += self.output_bytes(shape.size, decoded)
+            unet = max(unet, self.inversion_call_bytes(shape, unet_batch))
         return self.held_bytes(shape) + max(unet, vae)
 
     def held_bytes(self, shape: RequestShape) -> int:
-        """What a request holds through its calls: a new source's features and z_src at every sampling step (a
-        cached source's are in the cache), each frame's translation batch and noise predictions, and its decoded
-        images."""
+        """What a request holds through its calls. An image: a new source's features and z_src at every sampling
+        step (a cached source's are in the cache), its translation batch and noise predictions, and its decoded
+        images. A video: every frame's latent of every prompt, the largest window's z_src, one group's noise
+        predictions (docs/cost-model.md §9); on the CPU also a new video's inversion, which is kept on the host."""
+        if shape.keyframe_interval:
+            window_groups, _ = _window_sizes(shape.keyframes)
+            window_frames = min(shape.frames, window_groups * shape.keyframe_interval)
+            group_latents = (shape.branches + 2 * shape.prompts) * min(shape.frames, shape.keyframe_interval)
+            latents = shape.prompts * shape.frames + window_frames + group_latents
+            if self.host_device and shape.new_source:
+                latents += self.inversion_latents(shape)
+            return self.latent_bytes(shape.size, latents)
         features, source_steps = 0, 0
         if shape.new_source:
             features = self.feature_bytes(shape.size, shape.injection_steps, guidance_halves=shape.generated)
@@ -201,13 +217,52 @@ class MemoryModel:
         latents = self.latent_bytes(shape.size, shape.frames * (source_steps + 4 * shape.branches))
         return features + latents + self.output_bytes(shape.size, shape.images)
 
+    @staticmethod
+    def inversion_latents(shape: RequestShape) -> int:
+        """A video's inversion, its cache entry: every frame's latent and its z_src at every sampling step."""
+        return shape.frames * (shape.sampling_steps + 1)
+
+    def inversion_call_bytes(self, shape: RequestShape, unet_batch: int) -> int:
+        """A new video's inversion call: its frames' activations and their z_src at every sampling step, on the
+        device until the call's frames are done; 0 for a cached video."""
+        if not shape.new_source:
+            return 0
+        frames = min(unet_batch, shape.frames)
+        return frames * self.unet_latent_bytes(shape.size) + self.latent_bytes(
+            shape.size, frames * shape.sampling_steps
+        )
+
+    def host_bytes(self, shape: RequestShape, vae_batch: int) -> int:
+        """What a video keeps in the host's memory (docs/cost-model.md §9): its frames at the working size, its
+        inversion (the cache entry, new or cached), and one decoder call's frames on their way to the MP4s (as
+        8-bit pixels and as the images made of them)."""
+        width, height = shape.size
+        frames = shape.frames * RGB * width * height
+        decoded = 2 * min(vae_batch, shape.frames) * RGB * width * height
+        return frames + self.latent_bytes(shape.size, self.inversion_latents(shape)) + decoded
+
     def video_step_bytes(self, shape: RequestShape) -> int:
-        """What a video's sampling step holds beside its UNet calls (docs/cost-model.md §9): the keyframe pass's
-        kept attn1 inputs and outputs and its captured source features, and the nearest-neighbour search; 0 for
-        an image."""
+        """What a video's sampling step holds beside its UNet calls (docs/cost-model.md §9): the largest window's
+        keyframe pass's kept attn1 inputs and outputs and its captured source features, with more than one window
+        the anchors' and the previous window's kept keys and values, and the nearest-neighbour search; 0 for an
+        image."""
         if not shape.keyframes:
             return 0
-        return self.keyframe_bytes(shape.size, shape.keyframes, shape.branches) + self.similarity_bytes(shape)
+        window_groups, anchors = _window_sizes(shape.keyframes)
+        keyframes = self.keyframe_bytes(shape.size, window_groups, shape.branches)
+        return keyframes + self.window_bytes(shape, anchors) + self.similarity_bytes(shape)
+
+    def window_bytes(self, shape: RequestShape, anchors: int) -> int:
+        """With several windows (docs/algorithm.md §12), for every attn1 and target branch: the A anchors' keys and
+        values, the window's last keyframe's (for the next window), and the previous window's last keyframe's S_k,
+        A_k, keys and values; 0 with one window. The keys a window's call gathers from them are one layer's at a
+        time, within the call's activations."""
+        if not anchors:
+            return 0
+        values = self.self_attention_values(shape.size) * self.value_bytes
+        key_values = 2 * shape.branches * values
+        previous = (2 + shape.branches) * values + key_values
+        return (anchors + 1) * key_values + previous
 
     def self_attention_values(self, size: tuple[int, int]) -> int:
         """The values of one frame's inputs (or outputs) of every attn1 together: the sum of C · n / 4^level."""
@@ -233,6 +288,12 @@ class MemoryModel:
     def peak_bytes(self, shape: RequestShape, unet_batch: int, vae_batch: int, cache_bytes: int = 0) -> int:
         """The device's peak for a request: weights, the cache, and the request's own widest moment."""
         return self.weight_bytes + cache_bytes + self.request_bytes(shape, unet_batch, vae_batch)
+
+
+def _window_sizes(groups: int) -> tuple[int, int]:
+    """The groups of a video's largest window and its anchors (docs/algorithm.md §12), for `groups` groups."""
+    windows, anchors = window_layout(groups)
+    return max(map(len, windows)), len(anchors)
 
 
 def _sampling_branches(config: PnPConfig) -> int:
@@ -286,7 +347,7 @@ class RequestShape:
         cached), a keyframe pass's branches of G keyframes and a group pass's of B frames; it keeps no source
         features (SPEC 7.4: the source branch runs at every step)."""
         prompts, branches = len(config.translation_prompts), _sampling_branches(config)
-        keyframes = math.ceil(frames / config.keyframe_interval)
+        keyframes = max(_window_sizes(math.ceil(frames / config.keyframe_interval)))
         group = min(frames, config.keyframe_interval)
         return cls(
             size=size,
@@ -307,6 +368,11 @@ class RequestShape:
         return math.ceil(self.frames / self.keyframe_interval) if self.keyframe_interval else 0
 
     @property
+    def pass_keyframes(self) -> int:
+        """The most keyframes of one branch in one UNet call: a window's, or the anchors' (docs/algorithm.md §12)."""
+        return max(_window_sizes(self.keyframes)) if self.keyframes else 0
+
+    @property
     def images(self) -> int:
         """The images decoded together: a generated source's and one per prompt; a video's frames of one prompt."""
         return self.frames if self.keyframe_interval else self.prompts + self.generated
@@ -314,4 +380,4 @@ class RequestShape:
     def unet_call_latents(self, unet_batch: int) -> int:
         """The latents of the request's largest UNet call at `unet_batch`: at most the unsplit call, at least a
         video's keyframes (one branch's keyframes attend to each other, so they share a call)."""
-        return min(max(unet_batch, self.keyframes), self.largest_unet_call)
+        return min(max(unet_batch, self.pass_keyframes), self.largest_unet_call)

@@ -2,7 +2,8 @@
 inside `reporting_to(callback)`, the steps also reported to a caller (the web page's progress bar).
 
 Where stderr is not a terminal (Cog collects stdout and the logs as the prediction's logs, CI keeps
-files), a bar's carriage returns would be noise, so every tenth step is logged instead. The reporter is
+files), a bar's carriage returns would be noise, so every tenth step is logged instead, with the time spent
+and, as tqdm's bar estimates it, the time left (a minute-long video samples for many minutes). The reporter is
 a context variable, set for the block of one request only: requests in other threads or contexts are not
 reported to it.
 """
@@ -11,11 +12,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 from tqdm import tqdm
+
+format_interval = tqdm.format_interval
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ def progress(total: int, phase: str) -> Iterator[int]:
     """Yield 0 .. total − 1, showing `phase` with the steps done and their rate."""
     report = _reporter.get()
     bar = tqdm(total=total, desc=phase, unit="step") if sys.stderr.isatty() else None
+    start = time.perf_counter()
     try:
         for step in range(total):
             yield step
@@ -49,7 +54,16 @@ def progress(total: int, phase: str) -> Iterator[int]:
             if bar is not None:
                 bar.update()
             elif (step + 1) % LOG_EVERY == 0 or step + 1 == total:
-                logger.info("%s step %d/%d", phase, step + 1, total)
+                elapsed = time.perf_counter() - start
+                left = elapsed / (step + 1) * (total - step - 1)
+                logger.info(
+                    "%s step %d/%d, %s, about %s left",
+                    phase,
+                    step + 1,
+                    total,
+                    format_interval(elapsed),
+                    format_interval(left),
+                )
             if report is not None:
                 report(phase, step + 1, total)
     finally:

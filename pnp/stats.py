@@ -19,9 +19,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 PHASES = ("load", "inversion", "extraction", "generation", "mask", "translation", "decode")
-# "encode" is the front ends' MP4 writing, after the engine returns; the Python API, which returns
-# frames, leaves it at 0.
-VIDEO_PHASES = ("load", "inversion", "keyframes", "groups", "decode", "encode")
+# "anchors" is a long video's anchor passes (docs/algorithm.md §12); "encode" the frames handed to where they go as
+# they are decoded (the front ends' MP4s, or the Python API's lists).
+VIDEO_PHASES = ("load", "inversion", "anchors", "keyframes", "groups", "decode", "encode")
 
 
 class CacheUse(StrEnum):
@@ -178,4 +178,9 @@ class PhaseTimer:
             phase.seconds += time.perf_counter() - start
             phase.unet_evals += self.unet.evals - evals
             if log:
-                logger.info("%s done: %.2f s, %d UNet evals", name, phase.seconds, phase.unet_evals)
+                self.log(name)
+
+    def log(self, name: str) -> None:
+        """Log the phase `name`'s seconds and UNet evaluations so far (a phase timed in parts, once at its end)."""
+        phase = self.stats.phases[name]
+        logger.info("%s done: %.2f s, %d UNet evals", name, phase.seconds, phase.unet_evals)

@@ -206,9 +206,9 @@ def test_a_compiled_video_has_the_same_graphs_for_every_group(tiny_model_dir, tm
     new_graphs: dict[int, int] = {}
     group_pass = tokenflow.VideoDenoiser._group_pass
 
-    def counted(denoiser, frames, x, step, g):
+    def counted(denoiser, frames, x, step, g, source):
         before = len(graphs)
-        output = group_pass(denoiser, frames, x, step, g)
+        output = group_pass(denoiser, frames, x, step, g, source)
         new_graphs[g] = new_graphs.get(g, 0) + len(graphs) - before
         return output
 

@@ -1,14 +1,20 @@
-"""Self-checks of the naive video reference (tests/tokenflow_reference.py, SPEC §7.3-7.4) on tiny random UNets,
-against a second, separately written Plug-and-Play here (`_plug_and_play`): one frame is plain PnP (also for a
-v-prediction model); identical frames all equal the one-frame result; after one step a single group's keyframe
+"""Self-checks of the naive video reference (tests/tokenflow_reference.py, SPEC §7.3-7.4, §7.6) on tiny random
+UNets, against a second, separately written Plug-and-Play here (`_plug_and_play`): one frame is plain PnP (also for
+a v-prediction model); identical frames all equal the one-frame result; after one step a single group's keyframe
 is PnP of that frame, and the first of two keyframes is PnP with both frames' keys and values; prompts do not
-mix; the group pass's propagation on hand-made tokens; the keyframe draws of SPEC §7.3 (and TokenFlow's)."""
+mix; the group pass's propagation on hand-made tokens; the keyframe draws of SPEC §7.3 (and TokenFlow's).
+SPEC §7.6: the windows' and anchors' formulas; a video within one window is unchanged by W and A; identical frames
+in windows still equal the one-frame result; windows and anchors change the result of different frames; the
+number of keyframes each keyframe pass attends to; a window pass's keys and values on hand-made tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,26 +22,31 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
+import tests.tokenflow_reference as reference
 from tests.tokenflow_reference import (
     ATTENTION_SITES,
     CONDITIONAL,
     RESNET_CONV2,
     SOURCE,
+    UNCONDITIONAL,
     ReferenceSchedule,
     ReferenceSettings,
     ReferenceTexts,
     _PassState,
     _ReferenceSelfAttention,
     _Row,
+    anchor_groups,
     blend_weight,
     frame_groups,
     keyframe_draws,
+    keyframe_windows,
     nearest_positions,
     reference_video_latents,
 )
 
 STEPS = 5
 LATENT = (4, 16, 16)  # 128x128 pixels
+SMALL_LATENT = (4, 8, 8)  # 64x64 pixels: the tiny UNet's smallest input, for the longer videos of SPEC §7.6
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +72,17 @@ def _texts(unet: UNet2DConditionModel, prompts: int, negative: bool) -> Referenc
     return ReferenceTexts(embed(1), embed(prompts), embed(1) if negative else None)
 
 
-def _source(schedule: ReferenceSchedule, frames: int, seed: int = 2) -> dict[int, torch.Tensor]:
+def _source(
+    schedule: ReferenceSchedule, frames: int, seed: int = 2, shape: tuple[int, ...] = LATENT
+) -> dict[int, torch.Tensor]:
     """Random z_src per sampling timestep (no inversion needed to compare two implementations)."""
     generator = torch.Generator().manual_seed(seed)
-    return {t: torch.randn(frames, *LATENT, generator=generator) for t in schedule.timesteps}
+    return {t: torch.randn(frames, *shape, generator=generator) for t in schedule.timesteps}
+
+
+def _first_steps(schedule: ReferenceSchedule, steps: int) -> ReferenceSchedule:
+    """The schedule's first `steps` sampling steps."""
+    return ReferenceSchedule(schedule.timesteps[:steps], schedule.alphas_cumprod, schedule.final_alpha_cumprod)
 
 
 def _settings(keyframe_interval: int, weights: tuple[float, ...] = (1.0,) * STEPS) -> ReferenceSettings:
@@ -335,3 +353,206 @@ def test_group_pass_propagates_each_branchs_keyframe_outputs_at_the_matched_posi
     state.group, state.previous_keyframe = 0, None  # the first group: its own keyframe alone
     propagated = _ReferenceSelfAttention(state, "layer.attn1")(None, hidden_states)
     torch.testing.assert_close(propagated[1], outputs[(CONDITIONAL, 0, 6)][n1])
+
+
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+    """PyTorch's scaled_dot_product_attention over `heads` heads: query (n, heads*d), key and value (n', heads*d)."""
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(0, 1)  # noqa: E731
+    return F.scaled_dot_product_attention(split(query), split(key), split(value)).transpose(0, 1).flatten(1)
+
+
+def _random_attn1(generator: torch.Generator) -> SimpleNamespace:
+    """A stand-in for attn1 on tokens of width 4 in two heads: random linear maps as to_q, to_k, to_v and
+    to_out[0], the identity as to_out[1] (dropout)."""
+
+    def projection() -> Any:
+        matrix = torch.randn(4, 4, generator=generator)
+        return lambda h: h @ matrix
+
+    return SimpleNamespace(
+        to_q=projection(), to_k=projection(), to_v=projection(), to_out=[projection(), lambda h: h], heads=2
+    )
+
+
+def _windowed(keyframe_interval: int, window: int, anchors: int) -> ReferenceSettings:
+    """`_settings` with SPEC §7.6's W and A set small, so that a short video has several windows."""
+    return dataclasses.replace(_settings(keyframe_interval), keyframe_window=window, anchor_keyframes=anchors)
+
+
+def test_keyframe_windows_and_anchor_groups_follow_the_formulas():
+    """SPEC §7.6 by hand: n_w = ceil(G / W) windows, window w from s_w = floor(w G / n_w); anchors
+    a_j = floor((2j + 1) G / (2A)); then the formulas' properties over many G, W and A."""
+    assert keyframe_windows(7, 3) == [[0, 1], [2, 3], [4, 5, 6]]  # s = 0, 7 // 3, 14 // 3, 7
+    assert keyframe_windows(10, 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert keyframe_windows(51, 25) == [list(range(0, 17)), list(range(17, 34)), list(range(34, 51))]
+    assert keyframe_windows(50, 25) == [list(range(0, 25)), list(range(25, 50))]
+    assert keyframe_windows(25, 25) == [list(range(25))] and keyframe_windows(3, 25) == [[0, 1, 2]]
+    assert anchor_groups(7, 2) == [1, 5]  # floor(7 / 4), floor(21 / 4)
+    assert anchor_groups(26, 8) == [1, 4, 8, 11, 14, 17, 21, 24]
+    assert anchor_groups(5, 1) == [2]
+    for groups in range(1, 60):
+        for window in range(1, 13):
+            windows = keyframe_windows(groups, window)
+            assert [g for w in windows for g in w] == list(range(groups))  # consecutive, in order, all groups
+            assert len(windows) == math.ceil(groups / window)
+            assert max(map(len, windows)) <= window and max(map(len, windows)) - min(map(len, windows)) <= 1
+            if groups > window:
+                for anchors in range(1, window + 1):
+                    a = anchor_groups(groups, anchors)
+                    assert len(a) == anchors and a == sorted(set(a)) and 0 <= a[0] and a[-1] < groups
+
+
+def test_windowed_settings_are_checked(unet: UNet2DConditionModel, schedule: ReferenceSchedule):
+    """SPEC §7.6 has A <= W (and W >= 1): where windows apply, other values are refused before any UNet call."""
+    texts = _texts(unet, prompts=1, negative=False)
+    source = _source(schedule, frames=4, shape=SMALL_LATENT)
+    for window, anchors in ((0, 1), (2, 3), (2, 0)):
+        with pytest.raises(ValueError):
+            reference_video_latents(unet, schedule, source, texts, _windowed(1, window, anchors))
+
+
+def test_videos_within_one_window_are_unchanged_by_the_window_settings(
+    unet: UNet2DConditionModel, schedule: ReferenceSchedule
+):
+    """SPEC §7.6: G <= W is 7.4 exactly, whatever A. Five frames in groups of 2, 2, 1 (G = 3), two steps, with
+    W = 3 (G = W) and A = 1 or A = 9 (> G), bit for bit the default W = 25, A = 8."""
+    two_steps = _first_steps(schedule, 2)
+    texts = _texts(unet, prompts=1, negative=False)
+    source = _source(schedule, frames=5, shape=SMALL_LATENT)
+
+    default = reference_video_latents(unet, two_steps, source, texts, _settings(2))
+
+    for anchors in (1, 9):
+        windowed = reference_video_latents(unet, two_steps, source, texts, _windowed(2, 3, anchors))
+        assert torch.equal(windowed, default)
+
+
+def test_identical_frames_in_windows_equal_the_one_frame_result(
+    unet: UNet2DConditionModel, schedule: ReferenceSchedule
+):
+    """SPEC §7.6 with five identical frames, B = 1, W = 2, A = 2 (windows [0], [1, 2], [3, 4], anchors 1 and 3),
+    three steps: every key and value attended to (own keyframes, the previous window's last, other anchors) is
+    a copy of the same frame's, so each frame equals the one-frame video."""
+    three_steps = _first_steps(schedule, 3)
+    texts = _texts(unet, prompts=1, negative=False)
+    one = _source(schedule, frames=1, shape=SMALL_LATENT)
+    five = {t: z.expand(5, *SMALL_LATENT).clone() for t, z in one.items()}
+
+    single = reference_video_latents(unet, three_steps, one, texts, _settings(1))
+    video = reference_video_latents(unet, three_steps, five, texts, _windowed(1, 2, 2))
+
+    assert video.shape == (1, 5, *SMALL_LATENT)
+    for f in range(5):
+        torch.testing.assert_close(video[:, f], single[:, 0], rtol=0, atol=1e-4)
+
+
+def test_windows_and_anchors_change_the_result_of_different_frames(
+    unet: UNet2DConditionModel, schedule: ReferenceSchedule
+):
+    """SPEC §7.6 on four different frames, B = 1, one step: W = 2 (windows [0, 1], [2, 3]) differs from one window,
+    and the anchors count: A = 1 (anchor 2) and A = 2 (anchors 1 and 3) give window 0 different keys."""
+    one_step = _first_steps(schedule, 1)
+    texts = _texts(unet, prompts=1, negative=False)
+    source = _source(schedule, frames=4, shape=SMALL_LATENT)
+
+    whole = reference_video_latents(unet, one_step, source, texts, _settings(1))
+    one_anchor = reference_video_latents(unet, one_step, source, texts, _windowed(1, 2, 1))
+    two_anchors = reference_video_latents(unet, one_step, source, texts, _windowed(1, 2, 2))
+
+    for first, second in ((whole, one_anchor), (whole, two_anchors), (one_anchor, two_anchors)):
+        for f in range(4):
+            assert (first[0, f] - second[0, f]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("frames", "keyframe_passes", "passes"),
+    [
+        # G = 5, W = 2: windows [0], [1, 2], [3, 4]; anchors 1, 3. Window 0: itself and anchors 1, 3; window 1:
+        # itself, group 0, anchor 3; window 2: itself, group 2, anchor 1.
+        (5, [(2, 2), (1, 3), (2, 4), (2, 4)], "KKgKggKgg"),
+        # G = 4, W = 2: windows [0, 1], [2, 3]; anchors 1, 3. Window 0: itself and anchor 3; window 1: itself and
+        # group 1 (an anchor too: attended once, as window 0 computed it); anchor 3 is its own.
+        (4, [(2, 2), (2, 3), (2, 3)], "KKggKgg"),
+    ],
+)
+def test_keyframe_passes_attend_to_their_window_the_previous_windows_last_keyframe_and_the_other_anchors(
+    unet: UNet2DConditionModel,
+    schedule: ReferenceSchedule,
+    monkeypatch: pytest.MonkeyPatch,
+    frames: int,
+    keyframe_passes: list[tuple[int, int]],
+    passes: str,
+):
+    """SPEC §7.6's passes of one step, B = 1, W = 2, A = 2, spied on: the anchor pass, then each window's keyframe
+    pass (K) and its group passes (g, no attention). In a keyframe pass of n keyframes every attn1 of a target
+    branch attends to k frames' keys (| window | + 1 for w > 0 + anchors not among those), of the source branch
+    to its own frame's: `keyframe_passes` holds (n, k) per keyframe pass, the anchor pass first."""
+    layers = sum(name.endswith(".attn1") for name, _ in unet.named_modules())
+    recorded: list[list[int]] = []
+    attention, unet_pass = reference.attention, reference._unet_pass
+
+    def spy_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+        recorded[-1].append(key.shape[0] // query.shape[0])  # frames attended to
+        return attention(query, key, value, heads)
+
+    def spy_pass(*args: Any) -> torch.Tensor:
+        recorded.append([])
+        return unet_pass(*args)
+
+    monkeypatch.setattr(reference, "attention", spy_attention)
+    monkeypatch.setattr(reference, "_unet_pass", spy_pass)
+    texts = _texts(unet, prompts=1, negative=False)  # target branches: unconditional and conditional
+    source = _source(schedule, frames=frames, shape=SMALL_LATENT)
+
+    reference_video_latents(unet, _first_steps(schedule, 1), source, texts, _windowed(1, 2, 2))
+
+    assert "".join("K" if calls else "g" for calls in recorded) == passes
+    spied = [Counter(calls) for calls in recorded if calls]
+    assert spied == [Counter({1: layers * n, k: layers * 2 * n}) for n, k in keyframe_passes]
+
+
+def test_window_pass_attends_to_its_keyframes_the_previous_windows_last_and_the_other_anchors():
+    """SPEC §7.6 step 3 on hand-made tokens: a window pass on keyframes 4 and 5 after a window whose last keyframe
+    is 2, with other anchors 0 and 9. Each target row attends to its branch's keys and values of 4 and 5 (this
+    pass), of 2 as the previous window's pass kept them (not the anchor pass's), of 0 and 9 from the anchor pass
+    (not a window's), and not the anchor pass's 4; source rows to their own frame. Then the anchor pass keeps
+    keys and values only."""
+    generator = torch.Generator().manual_seed(0)
+    attn = _random_attn1(generator)
+    branches = (UNCONDITIONAL, CONDITIONAL)
+    random_kv = lambda: (torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator))  # noqa: E731
+    window_keys = {(b, 0, k): random_kv() for b in branches for k in (0, 2)}
+    anchor_keys = {(b, 0, k): random_kv() for b in branches for k in (0, 2, 4, 9)}
+    rows = [_Row(f, b, p) for b, p in ((SOURCE, None), (UNCONDITIONAL, 0), (CONDITIONAL, 0)) for f in (4, 5)]
+    state = _PassState(
+        rows=rows,
+        previous_window_keyframe=2,
+        other_anchors=[0, 9],
+        window_keys={"layer.attn1": dict(window_keys)},
+        anchor_keys={"layer.attn1": anchor_keys},
+    )
+    hidden_states = torch.randn(6, 3, 4, generator=generator)
+
+    with torch.no_grad():
+        output = _ReferenceSelfAttention(state, "layer.attn1")(attn, hidden_states)
+        keys, values = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        for r, row in enumerate(rows):
+            attended = [(keys[r], values[r])]
+            if row.branch != SOURCE:
+                attended = [(keys[s], values[s]) for s in range(6) if rows[s].branch == row.branch]
+                attended += [window_keys[(row.branch, 0, 2)], anchor_keys[(row.branch, 0, 0)]]
+                attended += [anchor_keys[(row.branch, 0, 9)]]
+            key, value = torch.cat([k for k, _ in attended]), torch.cat([v for _, v in attended])
+            expected = attn.to_out[0](_attention(attn.to_q(hidden_states[r]), key, value, heads=2))
+            torch.testing.assert_close(output[r], expected)
+
+        kept = state.window_keys["layer.attn1"]
+        for r, row in enumerate(rows[2:], start=2):  # the target rows' keys and values, for the next window
+            torch.testing.assert_close(kept[(row.branch, 0, row.frame)], (keys[r], values[r]))
+        assert set(state.kept_inputs["layer.attn1"]) == {4, 5} and len(state.kept_outputs["layer.attn1"]) == 6
+
+        state.anchor_pass, state.previous_window_keyframe, state.other_anchors = True, None, []
+        state.kept_inputs, state.kept_outputs, state.anchor_keys = {}, {}, {}
+        _ReferenceSelfAttention(state, "layer.attn1")(attn, hidden_states)
+    assert set(state.anchor_keys["layer.attn1"]) == {(b, 0, f) for b in branches for f in (4, 5)}
+    assert not state.kept_inputs and not state.kept_outputs

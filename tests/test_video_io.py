@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from pnp import image_io
 from pnp.errors import InputError
-from pnp.video_io import load_video, save_frames, save_video, save_videos
+from pnp.video_io import load_video, save_video, save_videos
 from tests.helpers import ROOT
 
 WIDTH, HEIGHT = 64, 48
@@ -403,14 +403,6 @@ def test_save_videos_names_them_like_images(tmp_path: Path):
     paths = save_videos(videos, tmp_path / "new" / "dir", fps=8)
     assert paths == [tmp_path / "new" / "dir" / "out-0.mp4", tmp_path / "new" / "dir" / "out-1.mp4"]
     assert [len(load_video(path, video_frames=40, video_fps=0).frames) for path in paths] == [2, 3]
-
-
-def test_save_frames_writes_numbered_pngs(tmp_path: Path):
-    frames = [gradient(index) for index in range(3)]
-    paths = save_frames(frames, tmp_path / "frames", prefix="out-1")
-    assert [path.name for path in paths] == ["out-1-000.png", "out-1-001.png", "out-1-002.png"]
-    for path, frame in zip(paths, frames, strict=True):
-        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(frame))
 
 
 @pytest.mark.parametrize("video_fps", [0.0, 25.0])

@@ -1,17 +1,27 @@
-"""The deliberately naive reference of SPEC §7.3-7.4 (video: Plug-and-Play with TokenFlow's keyframes and
-token propagation), for tests to check the engine's optimised video path against.
+"""The deliberately naive reference of SPEC §7.3-7.4 and §7.6 (video: Plug-and-Play with TokenFlow's keyframes
+and token propagation, in keyframe windows with anchors for long videos), for tests to check the engine's
+optimised video path against.
 
 It is written from the SPEC alone, not from the engine's code, and favours plainness over speed: Python
 loops over frames, branches, heads and token positions, softmax attention and cosine similarity written
 out, one UNet call per pass with every row of that pass. Only torch and diffusers are used.
 
-Per sampling step i (SPEC §7.4):
+Per sampling step i (SPEC §7.4), with the G groups in one window when G <= W:
 1. keyframe pass: the UNet on the G keyframes, every branch; each attn1 of a target branch attends to the
    keys and values of all G keyframes of its branch and prompt; S_k (the source branch's attn1 inputs) and
    A_k (attn1's outputs, every branch) are kept for every attn1;
 2. group passes: the UNet on each group's frames, every branch; attn1 is replaced by the keyframes' A at
    the positions whose S best match the frame's own source tokens (blended over two keyframes for g > 0);
 3. guidance (SPEC §4.4-§4.5, §4.8) on the group passes' outputs, then the DDIM step of every frame.
+
+With G > W (SPEC §7.6) the groups are cut into n_w = ceil(G / W) windows of consecutive groups, and step 1
+becomes, before anything else, an anchor pass: 7.4's keyframe pass on the keyframes of the A anchor groups
+a_j = floor((2j + 1) G / (2A)), keeping each target branch's keys (after injection) and values of every attn1.
+Then, window by window, a keyframe pass on the window's keyframes whose target branches attend to the keys and
+values of the window's own keyframes, then of the previous window's last keyframe (as its window's pass
+computed them), then of the anchors not among those (from the anchor pass), keeping S_k and A_k; then the
+window's group passes (step 2), the first group of a window w > 0 blending with the previous window's last
+keyframe. The source branch always attends within its own frame.
 """
 
 from __future__ import annotations
@@ -76,7 +86,8 @@ class ReferenceTexts:
 
 @dataclass(frozen=True)
 class ReferenceSettings:
-    """Guidance scale s, a_i per step (SPEC §4.5), n_f and n_a (SPEC §4.3), keyframe_interval B and seed."""
+    """Guidance scale s, a_i per step (SPEC §4.5), n_f and n_a (SPEC §4.3), keyframe_interval B and seed, and
+    SPEC §7.6's keyframe window W and anchor count A (the engine's KEYFRAME_WINDOW and ANCHOR_KEYFRAMES)."""
 
     scale: float
     negative_prompt_weights: tuple[float, ...]
@@ -84,6 +95,8 @@ class ReferenceSettings:
     attention_steps: int
     keyframe_interval: int
     seed: int = 0
+    keyframe_window: int = 25
+    anchor_keyframes: int = 8
 
 
 def frame_groups(num_frames: int, keyframe_interval: int) -> list[list[int]]:
@@ -104,6 +117,19 @@ def keyframe_draws(num_frames: int, keyframe_interval: int, num_steps: int, seed
         r = torch.randint(keyframe_interval, (len(groups),), generator=generator)
         draws.append([group[0] + int(r[g]) % len(group) for g, group in enumerate(groups)])
     return draws
+
+
+def keyframe_windows(num_groups: int, keyframe_window: int) -> list[list[int]]:
+    """SPEC §7.6: n_w = ceil(G / W) windows of consecutive groups, window w holding groups s_w .. s_{w+1} - 1
+    with s_w = floor(w G / n_w); a single window of every group when G <= W."""
+    count = -(-num_groups // keyframe_window)
+    starts = [w * num_groups // count for w in range(count + 1)]
+    return [list(range(starts[w], starts[w + 1])) for w in range(count)]
+
+
+def anchor_groups(num_groups: int, anchor_keyframes: int) -> list[int]:
+    """SPEC §7.6: the A anchor groups a_j = floor((2j + 1) G / (2A)), j = 0 .. A - 1."""
+    return [(2 * j + 1) * num_groups // (2 * anchor_keyframes) for j in range(anchor_keyframes)]
 
 
 def blend_weight(frame: int, group: int, keyframe_interval: int) -> float:
@@ -151,6 +177,10 @@ def _same_branch(row: _Row, other: _Row) -> bool:
     return row.branch == other.branch and row.prompt == other.prompt
 
 
+# Keys and values of one attn1 layer's target rows, by (branch, prompt, keyframe).
+_KeyValues = dict[tuple[str, int | None, int], tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass
 class _PassState:
     """What the attn1 processors and the ResNet hook read during one UNet call, and what the keyframe pass
@@ -165,9 +195,19 @@ class _PassState:
     keyframe: int = 0
     previous_keyframe: int | None = None
     keyframe_interval: int = 1
-    # Kept by the keyframe pass, per attn1 layer name: S_k by keyframe, A_k by (branch, prompt, keyframe).
+    # Kept by the keyframe passes (every window's, for the whole step), per attn1 layer name: S_k by keyframe,
+    # A_k by (branch, prompt, keyframe).
     kept_inputs: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     kept_outputs: dict[str, dict[tuple[str, int | None, int], torch.Tensor]] = field(default_factory=dict)
+    # SPEC §7.6's keyframe passes: the anchor pass keeps its keys and values, not S_k and A_k; a window's pass
+    # also attends to the previous window's last keyframe (None for the first window, or without windows) and
+    # to the anchors' keyframes `other_anchors`, all of its branch and prompt.
+    anchor_pass: bool = False
+    previous_window_keyframe: int | None = None
+    other_anchors: list[int] = field(default_factory=list)
+    # Target rows' keys (after injection) and values, per attn1 layer name: the anchor pass's and the windows'.
+    anchor_keys: dict[str, _KeyValues] = field(default_factory=dict)
+    window_keys: dict[str, _KeyValues] = field(default_factory=dict)
 
     def source_row(self, frame: int) -> int:
         """The batch index of `frame`'s source branch."""
@@ -187,31 +227,67 @@ class _ReferenceSelfAttention:
         return self._group(hidden_states)
 
     def _keyframes(self, attn: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+        queries, keys, values = self._projections(attn, hidden_states)
+        outputs = []
+        for r, row in enumerate(self.state.rows):
+            key, value = self._attended(r, row, keys, values)
+            outputs.append(attn.to_out[1](attn.to_out[0](attention(queries[r], key, value, attn.heads))))
+        self._keep(hidden_states, keys, values, outputs)
+        return torch.stack(outputs)
+
+    def _projections(self, attn: Any, hidden_states: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
+        """Every row's queries, keys and values; at the injection sites and steps, targets take the same frame's
+        source q and k, before any keys are concatenated (SPEC §4.3, §7.4)."""
         state = self.state
         queries = [attn.to_q(h) for h in hidden_states]
         keys = [attn.to_k(h) for h in hidden_states]
         values = [attn.to_v(h) for h in hidden_states]
         if self.name in ATTENTION_SITES and state.inject_attention:
-            # Targets take the same frame's source q and k, before any keys are concatenated.
             for r, row in enumerate(state.rows):
                 if row.branch != SOURCE:
                     source = state.source_row(row.frame)
                     queries[r], keys[r] = queries[source], keys[source]
-        outputs = []
+        return queries, keys, values
+
+    def _attended(
+        self, r: int, row: _Row, keys: list[torch.Tensor], values: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values row `r` attends to, concatenated: the source branch its own frame's; a target
+        branch, in this order, all keyframes of this pass of its branch and prompt (in frame order), the previous
+        window's last keyframe (as its window's pass computed them), the other anchors (from the anchor pass)."""
+        state = self.state
+        if row.branch == SOURCE:
+            attended = [(keys[r], values[r])]
+        else:
+            attended = [(keys[s], values[s]) for s, other in enumerate(state.rows) if _same_branch(other, row)]
+            if state.previous_window_keyframe is not None:
+                previous = (row.branch, row.prompt, state.previous_window_keyframe)
+                attended.append(state.window_keys[self.name][previous])
+            for anchor in state.other_anchors:
+                attended.append(state.anchor_keys[self.name][(row.branch, row.prompt, anchor)])
+        return torch.cat([key for key, _ in attended]), torch.cat([value for _, value in attended])
+
+    def _keep(
+        self,
+        hidden_states: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+    ) -> None:
+        """Target rows' keys and values (the anchor pass's or the windows'); then, but for the anchor pass, S_k of
+        the source rows and A_k of every row."""
+        state = self.state
+        kept_keys = (state.anchor_keys if state.anchor_pass else state.window_keys).setdefault(self.name, {})
         for r, row in enumerate(state.rows):
-            if row.branch == SOURCE:
-                attended = [r]  # the source branch attends within its own frame
-            else:  # all keyframes of this branch and prompt, in frame order
-                attended = [s for s, other in enumerate(state.rows) if _same_branch(other, row)]
-            key = torch.cat([keys[s] for s in attended])
-            value = torch.cat([values[s] for s in attended])
-            outputs.append(attn.to_out[1](attn.to_out[0](attention(queries[r], key, value, attn.heads))))
+            if row.branch != SOURCE:
+                kept_keys[(row.branch, row.prompt, row.frame)] = (keys[r], values[r])
+        if state.anchor_pass:
+            return
         inputs, kept = state.kept_inputs.setdefault(self.name, {}), state.kept_outputs.setdefault(self.name, {})
         for r, row in enumerate(state.rows):
             if row.branch == SOURCE:
                 inputs[row.frame] = hidden_states[r]
             kept[(row.branch, row.prompt, row.frame)] = outputs[r]
-        return torch.stack(outputs)
 
     def _group(self, hidden_states: torch.Tensor) -> torch.Tensor:
         state = self.state
@@ -317,6 +393,99 @@ def _epsilon(schedule: ReferenceSchedule, output: torch.Tensor, latent: torch.Te
     return output
 
 
+@dataclass
+class _Run:
+    """One call of `reference_video_latents`: its inputs, the pass state the UNet's processors read, the frame
+    groups and each prompt's latents x[(prompt, frame)]."""
+
+    unet: UNet2DConditionModel
+    schedule: ReferenceSchedule
+    source_latents: dict[int, torch.Tensor]
+    texts: ReferenceTexts
+    settings: ReferenceSettings
+    state: _PassState
+    groups: list[list[int]]
+    x: dict[tuple[int, int], torch.Tensor]
+
+
+def _keyframe_pass(run: _Run, step: int, keyframes: list[int], branches: list[str]) -> None:
+    """A keyframe pass on `keyframes`, every branch: SPEC §7.4 step 1, or §7.6's anchor or window pass as
+    `run.state` says. Its noise predictions are not used."""
+    t = run.schedule.timesteps[step]
+    run.state.rows = _rows(keyframes, branches, run.texts.targets.shape[0])
+    run.state.keyframe_pass = True
+    _unet_pass(run.unet, run.state, run.source_latents[t], run.x, run.texts, t)
+
+
+def _group_pass(
+    run: _Run, step: int, group: int, keyframes: list[int], branches: list[str]
+) -> dict[tuple[str, int, int], torch.Tensor]:
+    """SPEC §7.4 step 2 on `group`: its target rows' noise predictions (SPEC §4.8) by (branch, prompt, frame)."""
+    state, schedule = run.state, run.schedule
+    t = schedule.timesteps[step]
+    state.rows = _rows(run.groups[group], branches, run.texts.targets.shape[0])
+    state.keyframe_pass = False
+    state.group, state.keyframe = group, keyframes[group]
+    state.previous_keyframe = keyframes[group - 1] if group > 0 else None
+    output = _unet_pass(run.unet, state, run.source_latents[t], run.x, run.texts, t)
+    eps = {}
+    for r, row in enumerate(state.rows):
+        if row.branch != SOURCE:
+            latent = run.x[(row.prompt, row.frame)]
+            eps[(row.branch, row.prompt, row.frame)] = _epsilon(schedule, output[r], latent, schedule.alpha_bar(step))
+    return eps
+
+
+def _step_predictions(
+    run: _Run, step: int, keyframes: list[int], branches: list[str]
+) -> dict[tuple[str, int, int], torch.Tensor]:
+    """Every frame's target-branch noise predictions at `step`: SPEC §7.4 steps 1-2 in windows (§7.6 steps 1-3;
+    one window and no anchor pass when G <= W). `keyframes`: k_g of this step."""
+    state, settings = run.state, run.settings
+    state.kept_inputs, state.kept_outputs, state.anchor_keys, state.window_keys = {}, {}, {}, {}
+    windows = keyframe_windows(len(run.groups), settings.keyframe_window)
+    anchors = anchor_groups(len(run.groups), settings.anchor_keyframes) if len(windows) > 1 else []
+    if anchors:  # the anchor pass: 7.4's keyframe pass on the anchors' keyframes, keeping their keys and values
+        state.anchor_pass, state.previous_window_keyframe, state.other_anchors = True, None, []
+        _keyframe_pass(run, step, [keyframes[a] for a in anchors], branches)
+    eps = {}
+    for w, window in enumerate(windows):
+        previous = window[0] - 1 if w > 0 else None  # the previous window's last group
+        state.anchor_pass = False
+        state.previous_window_keyframe = None if previous is None else keyframes[previous]
+        state.other_anchors = [keyframes[a] for a in anchors if a not in window and a != previous]
+        _keyframe_pass(run, step, [keyframes[g] for g in window], branches)
+        for g in window:
+            eps.update(_group_pass(run, step, g, keyframes, branches))
+    return eps
+
+
+def _ddim_step(run: _Run, step: int, eps: dict[tuple[str, int, int], torch.Tensor], branches: list[str]) -> None:
+    """Guidance (SPEC §4.4-§4.5) on every frame's predictions, then its DDIM step, in `run.x`."""
+    weight, scale = run.settings.negative_prompt_weights[step], run.settings.scale
+    a_t, a_next = run.schedule.alpha_bar(step), run.schedule.alpha_bar(step + 1)
+    for p, f in list(run.x):
+        conditional = eps[(CONDITIONAL, p, f)]
+        if UNCONDITIONAL in branches and NEGATIVE in branches:
+            unconditional = weight * eps[(UNCONDITIONAL, p, f)] + (1 - weight) * eps[(NEGATIVE, p, f)]
+        elif UNCONDITIONAL in branches:
+            unconditional = eps[(UNCONDITIONAL, p, f)]
+        else:
+            unconditional = eps[(NEGATIVE, p, f)]
+        guided = unconditional + scale * (conditional - unconditional)
+        x0 = (run.x[(p, f)] - (1 - a_t) ** 0.5 * guided) / a_t**0.5
+        run.x[(p, f)] = a_next**0.5 * x0 + (1 - a_next) ** 0.5 * guided
+
+
+def _check_windows(num_groups: int, settings: ReferenceSettings) -> None:
+    """W >= 1, and where windows apply (G > W), 1 <= A <= W as SPEC §7.6 has it (so the anchors are distinct)."""
+    window, anchors = settings.keyframe_window, settings.anchor_keyframes
+    if window < 1:
+        raise ValueError(f"keyframe_window must be at least 1, not {window}")
+    if num_groups > window and not 1 <= anchors <= window:
+        raise ValueError(f"anchor_keyframes must be between 1 and keyframe_window ({window}), not {anchors}")
+
+
 def reference_video_latents(
     unet: UNet2DConditionModel,
     schedule: ReferenceSchedule,
@@ -324,59 +493,23 @@ def reference_video_latents(
     texts: ReferenceTexts,
     settings: ReferenceSettings,
 ) -> torch.Tensor:
-    """Each prompt's final latents (P, F, C, h, w) of SPEC §7.4, from z_src^f[t] (`source_latents[t]`,
-    (F, C, h, w) at every sampling timestep t). `unet` is used in float32 as given; its processors and hooks
-    are its own again afterwards."""
+    """Each prompt's final latents (P, F, C, h, w) of SPEC §7.4 (in §7.6's windows when G > W), from z_src^f[t]
+    (`source_latents[t]`, (F, C, h, w) at every sampling timestep t). `unet` is used in float32 as given; its
+    processors and hooks are its own again afterwards."""
     timesteps = schedule.timesteps
     num_frames = source_latents[timesteps[0]].shape[0]
     prompts = texts.targets.shape[0]
-    interval = settings.keyframe_interval
-    groups = frame_groups(num_frames, interval)
-    draws = keyframe_draws(num_frames, interval, len(timesteps), settings.seed)
+    groups = frame_groups(num_frames, settings.keyframe_interval)
+    _check_windows(len(groups), settings)
+    draws = keyframe_draws(num_frames, settings.keyframe_interval, len(timesteps), settings.seed)
     # x^f = z_src^f[t_0] for every prompt.
     x = {(p, f): source_latents[timesteps[0]][f].clone() for p in range(prompts) for f in range(num_frames)}
-    state = _PassState(keyframe_interval=interval)
+    state = _PassState(keyframe_interval=settings.keyframe_interval)
+    run = _Run(unet, schedule, source_latents, texts, settings, state, groups, x)
     with torch.no_grad(), _installed(unet, state):
-        for i, t in enumerate(timesteps):
-            weight = settings.negative_prompt_weights[i]
-            branches = _target_branches(texts, weight)
+        for i in range(len(timesteps)):
+            branches = _target_branches(texts, settings.negative_prompt_weights[i])
             state.inject_attention = i < settings.attention_steps
             state.inject_resnet = i < settings.feature_steps
-            keyframes = draws[i]
-
-            # 1. Keyframe pass: keeps S_k and A_k; its noise predictions are not used.
-            state.rows = _rows(keyframes, branches, prompts)
-            state.keyframe_pass = True
-            state.kept_inputs, state.kept_outputs = {}, {}
-            _unet_pass(unet, state, source_latents[t], x, texts, t)
-
-            # 2. Group passes: their target rows give each frame's predictions.
-            eps: dict[tuple[str, int, int], torch.Tensor] = {}
-            state.keyframe_pass = False
-            for g, group in enumerate(groups):
-                state.rows = _rows(group, branches, prompts)
-                state.group, state.keyframe = g, keyframes[g]
-                state.previous_keyframe = keyframes[g - 1] if g > 0 else None
-                output = _unet_pass(unet, state, source_latents[t], x, texts, t)
-                for r, row in enumerate(state.rows):
-                    if row.branch != SOURCE:
-                        latent = x[(row.prompt, row.frame)]
-                        eps[(row.branch, row.prompt, row.frame)] = _epsilon(
-                            schedule, output[r], latent, schedule.alpha_bar(i)
-                        )
-
-            # 3. Guidance (SPEC §4.4) and the DDIM step of every frame.
-            a_t, a_next = schedule.alpha_bar(i), schedule.alpha_bar(i + 1)
-            for p in range(prompts):
-                for f in range(num_frames):
-                    conditional = eps[(CONDITIONAL, p, f)]
-                    if UNCONDITIONAL in branches and NEGATIVE in branches:
-                        unconditional = weight * eps[(UNCONDITIONAL, p, f)] + (1 - weight) * eps[(NEGATIVE, p, f)]
-                    elif UNCONDITIONAL in branches:
-                        unconditional = eps[(UNCONDITIONAL, p, f)]
-                    else:
-                        unconditional = eps[(NEGATIVE, p, f)]
-                    guided = unconditional + settings.scale * (conditional - unconditional)
-                    x0 = (x[(p, f)] - (1 - a_t) ** 0.5 * guided) / a_t**0.5
-                    x[(p, f)] = a_next**0.5 * x0 + (1 - a_next) ** 0.5 * guided
+            _ddim_step(run, i, _step_predictions(run, i, draws[i], branches), branches)
     return torch.stack([torch.stack([x[(p, f)] for f in range(num_frames)]) for p in range(prompts)])
