@@ -15,6 +15,8 @@ The requests, in order, on ONE engine (so the inversion cache works as it does i
   new-8       another new image (the horse upside down and mirrored), 8 prompts
   video-new     a new video (examples/wolf.mp4, its first --video-frames frames), 1 prompt
   video-repeat  the same video with another prompt (cached inversion)
+  long-24, long-192  (only when named in --requests) a clip of wolf.mp4's frames played forward and back to 24
+                and to 192 frames, keyframe_interval 4: 6 groups, and 48 in two windows beside 8 anchors
 `--requests` runs a subset (a repeat needs its new image or video). On CUDA each request first runs once,
 unreported. For each request the table gives the seconds of each engine phase, the wall time of the
 call, the memory it took beyond what was allocated before it (measured, and by the memory model of
@@ -44,8 +46,11 @@ from PIL import Image, ImageOps
 from pnp import PnPConfig, PnPEngine
 from pnp.automask import MASK_NOISES
 from pnp.config import INPUTS
+from pnp.memory import MemoryModel, RequestShape
 from pnp.stats import PHASES, VIDEO_PHASES
 from pnp.testing import make_random_model
+from pnp.tokenflow import window_layout
+from pnp.video_io import load_video, save_video
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = REPO / "examples" / "horse.jpg"
@@ -91,7 +96,13 @@ REQUEST_KEYS = {
     "new-8": None,
     "video-new": None,
     "video-repeat": "video-new",
+    "long-24": None,
+    "long-192": None,
 }
+DEFAULT_REQUESTS = [key for key in REQUEST_KEYS if not key.startswith("long-")]
+LONG_FRAMES = {"long-24": 24, "long-192": 192}
+LONG_KEYFRAME_INTERVAL = 4  # 192 frames make 48 groups: past KEYFRAME_WINDOW, so windows and anchors run
+MINUTE_FRAMES = INPUTS["video_frames"].maximum
 SOURCE_DESCRIPTION = "a photo of a horse"
 
 
@@ -130,11 +141,14 @@ def expected_evals(config: PnPConfig, repeat: bool = False) -> int:
 
 def expected_video_evals(config: PnPConfig, frames: int, repeat: bool = False) -> int:
     """The cost model's UNet evaluations for a video of F frames without a negative prompt (b = 2 guidance
-    branches a prompt), in G = ceil(F / keyframe_interval) groups: F·M inversion + N·(G + F)·(1 + b·P) sampling;
-    the same video again (cached inversion): the sampling only."""
+    branches a prompt), in G = ceil(F / keyframe_interval) groups: F·M inversion + N·(G + F + A)·(1 + b·P)
+    sampling, A the anchors past KEYFRAME_WINDOW groups (0 up to it); the same video again (cached inversion):
+    the sampling only."""
     groups = math.ceil(frames / config.keyframe_interval)
+    _, anchors = window_layout(groups)
     branches = 2
-    sampling = config.num_inference_steps * (groups + frames) * (1 + branches * len(config.translation_prompts))
+    per_step = (groups + frames + len(anchors)) * (1 + branches * len(config.translation_prompts))
+    sampling = config.num_inference_steps * per_step
     return sampling if repeat else frames * config.ddim_inversion_steps + sampling
 
 
@@ -227,6 +241,37 @@ def requests(
     return [request for request in every if keys is None or request.key in keys]
 
 
+def long_requests(directory: Path, image_size: int, steps: int, keys: list[str]) -> list[Request]:
+    """The long-clip requests named in `keys`: wolf.mp4's frames played forward and back (a clip with no cut) to
+    each one's frames, written to `directory`, at keyframe_interval LONG_KEYFRAME_INTERVAL."""
+    named = [key for key in LONG_FRAMES if key in keys]
+    if not named:
+        return []
+    frames = load_video(DEFAULT_VIDEO, DEFAULT_VIDEO_FRAMES, 0).frames
+    there_and_back = frames + frames[-2:0:-1]
+    inputs = {"image_size": image_size, "num_inference_steps": steps, "keyframe_interval": LONG_KEYFRAME_INTERVAL}
+    built = []
+    for key in named:
+        count = LONG_FRAMES[key]
+        clip = [there_and_back[index % len(there_and_back)] for index in range(count)]
+        path = save_video(clip, directory / f"{key}.mp4", 20)
+        config = {**inputs, "video_frames": count, "translation_prompts": VIDEO_PROMPTS}
+        built.append(Request(key, f"long clip {count}", config, None, path))
+    return built
+
+
+def minute_memory(engine: PnPEngine, request: Request, image_size: int, unet_batch: int) -> str:
+    """The memory model's device and host bytes (MiB) for `request`'s clip and for a minute of it (MINUTE_FRAMES
+    frames), new, on this model at this working size and `unet_batch` latents a call (docs/cost-model.md §9)."""
+    model, config = MemoryModel.of(engine.model), PnPConfig.from_mapping(request.inputs)
+    figures = []
+    for frames in (config.video_frames, MINUTE_FRAMES):
+        shape = RequestShape.of_video(config, (image_size, image_size), frames, new_source=True)
+        device, host = model.request_bytes(shape, unet_batch, unet_batch), model.host_bytes(shape, unet_batch)
+        figures.append(f"{frames} frames: device {device / 2**20:.0f} MiB, host {host / 2**20:.0f} MiB")
+    return "; ".join(figures) + f" (the memory model beside the weights, at {unet_batch} latents a call)"
+
+
 def phase_names() -> list[str]:
     """An image's phases and a video's, in the order they run: the video's own ones (keyframes, groups) before
     the decode both end with, any after it last."""
@@ -267,9 +312,11 @@ def run_request(engine: PnPEngine, request: Request) -> tuple[dict[str, Any], li
         "cache_hit": result.stats.cache_hit,
         **{f"{name}_s": phases[name].seconds if name in phases else 0.0 for name in PHASE_NAMES},
         "total_s": wall,
+        "seconds_per_frame": wall / len(images) if request.video is not None else 0.0,
         "peak_memory_mib": memory_peak_mib(device, in_use),
         "model_memory_mib": result.stats.modelled_bytes / 2**20,
         "unet_evals": ours,
+        "unet_batch": result.stats.unet_batch,
         "expected_evals": expected,
         "published_evals": published,
         "published_over_ours": published / ours,
@@ -316,6 +363,7 @@ COLUMNS = [
     ("cache_hit", "cache", "{!s:>5}"),
     *[(f"{name}_s", name, "{:>11.2f}") for name in PHASE_NAMES],
     ("total_s", "total s", "{:>8.2f}"),
+    ("seconds_per_frame", "s/frame", "{:>7.3f}"),
     ("peak_memory_mib", "peak MiB", "{:>9.0f}"),
     ("model_memory_mib", "model MiB", "{:>9.0f}"),
     ("unet_evals", "UNet evals", "{:>10}"),
@@ -366,9 +414,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--requests",
         type=lambda value: value.split(","),
-        default=list(REQUEST_KEYS),
-        help=f"comma-separated subset of {','.join(REQUEST_KEYS)} (default: all); a repeat needs its new image "
-        "or video",
+        default=DEFAULT_REQUESTS,
+        help=f"comma-separated subset of {','.join(REQUEST_KEYS)} (default: all but the long clips); a repeat "
+        "needs its new image or video",
     )
     parser.add_argument(
         "--channels-last",
@@ -393,44 +441,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark, print its table, write it as JSON and return it ({"header", "rows"})."""
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="pnp-bench-") as tmp:
-        tiny = args.model is None and args.full_size_random is None
-        if tiny:
-            model_dir, model_label = make_random_model(Path(tmp) / "tiny"), "tiny random model (SD layout, tiny widths)"
-        elif args.full_size_random:
-            model_dir = Path(args.full_size_random)
-            if not (model_dir / "model_index.json").is_file():
-                print(f"writing a random SD 1.5-sized model to {model_dir} ...", file=sys.stderr)
-                make_random_model(model_dir, size="full")
-            model_label = f"random SD 1.5-sized model ({model_dir})"
-        else:
-            model_dir, model_label = Path(args.model), str(args.model)
-        image_size = args.image_size or (TINY_IMAGE_SIZE if tiny else 512)
-        video_frames = args.video_frames or (TINY_VIDEO_FRAMES if tiny else DEFAULT_VIDEO_FRAMES)
+def load_bench_model(args: argparse.Namespace, tmp: Path) -> tuple[PnPEngine, str, bool]:
+    """The engine on the model the options name (a tiny random one written to `tmp` by default), its label for
+    the header, and whether it is the tiny default."""
+    tiny = args.model is None and args.full_size_random is None
+    if tiny:
+        model_dir, model_label = make_random_model(tmp / "tiny"), "tiny random model (SD layout, tiny widths)"
+    elif args.full_size_random:
+        model_dir = Path(args.full_size_random)
+        if not (model_dir / "model_index.json").is_file():
+            print(f"writing a random SD 1.5-sized model to {model_dir} ...", file=sys.stderr)
+            make_random_model(model_dir, size="full")
+        model_label = f"random SD 1.5-sized model ({model_dir})"
+    else:
+        model_dir, model_label = Path(args.model), str(args.model)
+    engine = PnPEngine.from_pretrained(str(model_dir), device=args.device, dtype=args.dtype, compile=False)
+    if args.channels_last:
+        engine.model.use_channels_last()
+    return engine, model_label, tiny
 
-        engine = PnPEngine.from_pretrained(str(model_dir), device=args.device, dtype=args.dtype, compile=False)
-        if args.channels_last:
-            engine.model.use_channels_last()
-        device = engine.model.device
-        benchmarked = requests(args.image, image_size, args.steps, args.requests, DEFAULT_VIDEO, video_frames)
-        if device.type == "cuda":
-            warm_up(engine, benchmarked, args.image)
-        engine.cache.clear()
-        rows, eager_images = run_all(engine, benchmarked)
-        if args.compile:
-            engine.model.compile()
-            # The warm-up compiles every graph the requests need: its time is the compile time.
-            compile_seconds = warm_up(engine, benchmarked, args.image)
-            compiled_rows, compiled_images = run_all(engine, benchmarked)
-            for row, images, reference in zip(compiled_rows, compiled_images, eager_images, strict=True):
-                row["max_pixel_diff_vs_eager"] = max_pixel_difference(images, reference)
-            rows += compiled_rows
 
+def measure(
+    engine: PnPEngine, benchmarked: list[Request], args: argparse.Namespace, image_size: int
+) -> tuple[list[dict], dict[str, str]]:
+    """The rows of the requests, eager and with --compile compiled, and the header's notes on them: the compile
+    time and pixel difference, and the long clips' memory model for a minute."""
+    if engine.model.device.type == "cuda":
+        warm_up(engine, benchmarked, args.image)
+    engine.cache.clear()
+    rows, eager_images = run_all(engine, benchmarked)
+    notes = {}
+    if args.compile:
+        engine.model.compile()
+        # The warm-up compiles every graph the requests need: its time is the compile time.
+        compile_seconds = warm_up(engine, benchmarked, args.image)
+        compiled_rows, compiled_images = run_all(engine, benchmarked)
+        for row, images, reference in zip(compiled_rows, compiled_images, eager_images, strict=True):
+            row["max_pixel_diff_vs_eager"] = max_pixel_difference(images, reference)
+        rows += compiled_rows
+        notes["compile"] = (
+            "torch.compile failed: the UNet and the VAE decoder fell back to eager (see the warning above)"
+            if not engine.model.compiled
+            else f"{compile_seconds:.1f} s to compile and run every request once (unreported); compiled images "
+            f"differ from eager ones by at most {max(r['max_pixel_diff_vs_eager'] for r in compiled_rows)} grey levels"
+        )
+    longest = [(row, request) for row, request in zip(rows, benchmarked, strict=False) if request.key in LONG_FRAMES]
+    if longest:
+        row, request = longest[-1]
+        notes["a minute's memory"] = minute_memory(engine, request, image_size, row["unet_batch"])
+    return rows, notes
+
+
+def table_header(args: argparse.Namespace, engine: PnPEngine, model_label: str, tiny: bool) -> dict[str, Any]:
+    """The header lines: the model, device, versions, inputs and how memory is measured."""
+    device = engine.model.device
     header = {
         "model": model_label,
         "device": device_name(device),
@@ -439,9 +503,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "image": _display_path(args.image),
-        "image_size": image_size,
+        "image_size": args.image_size or (TINY_IMAGE_SIZE if tiny else 512),
         "video": _display_path(DEFAULT_VIDEO),
-        "video_frames": video_frames,
+        "video_frames": args.video_frames or (TINY_VIDEO_FRAMES if tiny else DEFAULT_VIDEO_FRAMES),
         "num_inference_steps": args.steps,
         "peak memory": "the request's rise of "
         + ("CUDA's max_memory_allocated" if device.type == "cuda" else "the process's peak resident size (VmHWM)")
@@ -449,18 +513,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "weights and the cache (docs/cost-model.md §8)",
         "warm-up": "each request once, unreported, first" if device.type == "cuda" else "none (CPU)",
     }
-    if args.compile and engine.model.compiled:
-        difference = max(row["max_pixel_diff_vs_eager"] for row in compiled_rows)
-        header["compile"] = (
-            f"{compile_seconds:.1f} s to compile and run every request once (unreported); "
-            f"compiled images differ from eager ones by at most {difference} grey levels"
-        )
-    elif args.compile:
-        header["compile"] = (
-            "torch.compile failed: the UNet and the VAE decoder fell back to eager (see the warning above)"
-        )
-    if device.type == "cpu":
-        header["load average"] = " ".join(f"{load:.1f}" for load in os.getloadavg()) + " (1, 5, 15 min; after the run)"
     if tiny:
         defaults = []
         if not args.image_size:
@@ -470,6 +522,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         header["note"] = "tiny random model: timings show the engine's overheads, not a real model's speed" + (
             f"; by default for it {' and '.join(defaults)}" if defaults else ""
         )
+    return header
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print its table, write it as JSON and return it ({"header", "rows"})."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="pnp-bench-") as tmp:
+        engine, model_label, tiny = load_bench_model(args, Path(tmp))
+        header = table_header(args, engine, model_label, tiny)
+        image_size, video_frames = header["image_size"], header["video_frames"]
+        benchmarked = requests(args.image, image_size, args.steps, args.requests, DEFAULT_VIDEO, video_frames)
+        benchmarked += long_requests(Path(tmp), image_size, args.steps, args.requests)
+        rows, notes = measure(engine, benchmarked, args, image_size)
+    header.update(notes)
+    if engine.model.device.type == "cpu":
+        header["load average"] = " ".join(f"{load:.1f}" for load in os.getloadavg()) + " (1, 5, 15 min; after the run)"
     table = {"header": header, "rows": rows}
     print(format_table(header, rows))
     args.json.parent.mkdir(parents=True, exist_ok=True)

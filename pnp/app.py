@@ -3,7 +3,7 @@
 Its controls are made from the one table of public inputs (`PUBLIC_INPUTS`), so each has the input's name,
 its description as help text, its default and its bounds; the API (`/run`) names its parameters likewise.
 `input_image` is an image editor whose brush paints the mask (painted edits, the rest keeps the image);
-`input_video` takes a video to edit instead (SPEC 7). "Run" fills the "output" gallery with the files
+`input_video` takes a video to edit instead (docs/algorithm.md §11). "Run" fills the "output" gallery with the files
 `Predictor.run` returns, in its order (the images, or one MP4 per prompt), the automatic masks beside them,
 and a line with the request's seconds, UNet evaluations and where its source came from (`RunStats.headline`).
 The engine's own progress reporting (`pnp.progress.reporting_to`) drives the progress bar; requests run one at

@@ -8,7 +8,7 @@ file or a name in configs/) gives the values that are not on the command line. `
 prompt's automatic mask beside its image.
 
 A source whose suffix names a video container (VIDEO_SUFFIXES), or any file with `--video`, is a video
-(SPEC 7): one MP4 per prompt, out-K.mp4, and with `--save-frames` each prompt's frames as PNG.
+(docs/algorithm.md §11): one MP4 per prompt, out-K.mp4, and with `--save-frames` each prompt's frames as PNG.
 """
 
 from __future__ import annotations

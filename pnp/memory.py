@@ -271,7 +271,7 @@ class MemoryModel:
 
     def keyframe_bytes(self, size: tuple[int, int], keyframes: int, branches: int) -> int:
         """What a video step keeps from its keyframe pass: for every attn1, the keyframes' source inputs S_k and
-        attn1 outputs A_k of the source and of each target branch (for the group passes, SPEC 7.4), and the
+        attn1 outputs A_k of the source and of each target branch (for the group passes, docs/algorithm.md §11), and the
         keyframes' captured source features (for the pass's target calls)."""
         kept = (2 + branches) * self.self_attention_values(size) * self.value_bytes
         return keyframes * (kept + sum(self.step_feature_bytes(size)))
@@ -345,7 +345,7 @@ class RequestShape:
     def of_video(cls, config: PnPConfig, size: tuple[int, int], frames: int, new_source: bool) -> RequestShape:
         """The shape of a video request of `frames` frames: its UNet calls are the inversion's frames (not
         cached), a keyframe pass's branches of G keyframes and a group pass's of B frames; it keeps no source
-        features (SPEC 7.4: the source branch runs at every step)."""
+        features (docs/algorithm.md §11: the source branch runs at every step)."""
         prompts, branches = len(config.translation_prompts), _sampling_branches(config)
         keyframes = max(_window_sizes(math.ceil(frames / config.keyframe_interval)))
         group = min(frames, config.keyframe_interval)

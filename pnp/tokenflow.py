@@ -1,4 +1,4 @@
-"""Consistent video edits with the same Plug-and-Play features (SPEC 7.3-7.4; docs/algorithm.md §11): TokenFlow
+"""Consistent video edits with the same Plug-and-Play features (docs/algorithm.md §11): TokenFlow
 (Geyer, Bar-Tal, Bagon, Dekel, ICLR 2024, arXiv 2307.10373) on the engine's own injection.
 
 Each sampling step edits one keyframe per group of frames jointly, every target branch's self-attention
@@ -40,8 +40,8 @@ ANCHOR_KEYFRAMES = 8
 (docs/algorithm.md §12), so that windows far apart still edit alike. At most KEYFRAME_WINDOW; read as it is."""
 
 VIDEO_KEPT_FEATURES = InjectionSteps(0, 0)
-"""A video keeps no source features between steps: its source branch runs at every sampling step (SPEC 7.4), so
-its cache entry holds the inversion only."""
+"""A video keeps no source features between steps: its source branch runs at every sampling step (docs/algorithm.md
+§11), so its cache entry holds the inversion only."""
 
 SIMILARITY_CHUNK_SCORES = 1 << 24
 """Cosine similarities computed at once by the nearest-neighbour search: 64 MiB in float32, one frame's
@@ -57,8 +57,8 @@ def frame_groups(num_frames: int, keyframe_interval: int) -> list[range]:
 
 
 def draw_keyframes(groups: list[range], keyframe_interval: int, seed: int, num_steps: int) -> list[list[int]]:
-    """Each step's keyframes, one a group (SPEC 7.3): r = randint(B, (G,)) drawn anew each step from one CPU
-    generator seeded with `seed`, k_g = gB + (r_g mod |group g|)."""
+    """Each step's keyframes, one a group (docs/algorithm.md §11): r = randint(B, (G,)) drawn anew each step from one
+    CPU generator seeded with `seed`, k_g = gB + (r_g mod |group g|)."""
     generator = torch.Generator("cpu").manual_seed(seed)
     draws = []
     for _ in range(num_steps):
@@ -112,7 +112,7 @@ class FrameAttention:
     last_keys: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     anchor_keys: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     anchor_count: int = 0
-    other_anchors: list[int] = field(default_factory=list)
+    other_anchors: torch.Tensor | None = None
     nearest: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     group_keyframes: dict[str, list[_Keyframe]] = field(default_factory=dict)
     window_start: int = 0
@@ -170,7 +170,10 @@ class FrameAttention:
         self.window_start, self.keep_last_keys = window.start, has_next
         self.sources, self.source_outputs, self.outputs, self.last_keys = {}, {}, {}, {}
         among = set(window) | ({window.start - 1} if self.previous else set())
-        self.other_anchors = [j for j, group in enumerate(anchors) if group not in among]
+        others = [j for j, group in enumerate(anchors) if group not in among]
+        kept = next(iter(self.anchor_keys.values()), None)
+        # An index tensor, not a list: a compiled UNet then has the same graph for every window with as many.
+        self.other_anchors = None if not others or kept is None else torch.tensor(others, device=kept[0].device)
 
     def _extra_keys(self, layer: str, units: range) -> torch.Tensor | None:
         """The keys and values (U, 2, m·n, C) that a window's target units `units` attend to beside their own
@@ -179,10 +182,10 @@ class FrameAttention:
         parts = []
         if self.previous:
             parts.append(self.previous[layer].keys[units.start : units.stop])
-        if self.other_anchors:
+        if self.other_anchors is not None:
             (kept,) = self.anchor_keys[layer]
             per_anchor = kept[units.start : units.stop].unflatten(2, (-1, kept.shape[2] // self.anchor_count))
-            parts.append(per_anchor[:, :, self.other_anchors].flatten(2, 3))
+            parts.append(per_anchor.index_select(2, self.other_anchors).flatten(2, 3))
         if not parts:
             return None
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)

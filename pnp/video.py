@@ -1,4 +1,4 @@
-"""Video requests (SPEC 7, docs/algorithm.md §11): the frames in at one working size, every frame's DDIM
+"""Video requests (docs/algorithm.md §11): the frames in at one working size, every frame's DDIM
 inversion (cached like an image's), TokenFlow's sampling of every prompt at once (`pnp.tokenflow`), and each
 prompt's frames out. `PnPEngine` hands a request with `video` here, with its model, schedule and cache.
 """

@@ -26,7 +26,7 @@ def test_expected_evals_match_the_cost_model_at_defaults() -> None:
     assert expected_evals(masked, repeat=True) == 200 + 30
     assert published_evals(1) == 999 + 2 * 999 + 100
     assert published_evals(4) == 999 + 2 * 999 + 400
-    # A video, F = 40 frames in G = 5 groups, P = 1, b = 2: F·M + N·(G + F)·(1 + b·P) (SPEC §5).
+    # A video, F = 40 frames in G = 5 groups, P = 1, b = 2: F·M + N·(G + F)·(1 + b·P) (docs/cost-model.md §2).
     assert expected_video_evals(one, 40) == 2000 + 6750
     assert expected_video_evals(one, 40, repeat=True) == 6750
     assert expected_video_evals(one, 41) == 41 * 50 + 50 * (6 + 41) * 3  # a last, shorter group

@@ -16,6 +16,7 @@ from PIL import Image
 from pnp.cli import build_parser, is_video, main
 from pnp.config import PUBLIC_INPUTS, PnPConfig
 from tests.helpers import HORSE, write_horse_video
+from tests.test_video_audio import audio_packets, tone, with_sound
 
 FAST = ["--image_size", "128", "--num_inference_steps", "10", "--ddim_inversion_steps", "10", "--device", "cpu"]
 
@@ -122,7 +123,9 @@ def test_an_image_is_required_unless_generating(tiny_model_dir, tmp_path, capsys
 
 
 def test_a_video_gives_one_mp4_per_prompt_and_on_request_its_frames(tiny_model_dir, tmp_path, capsys):
-    clip = write_horse_video(tmp_path / "clip.mp4", frames=4, fps=8)
+    clip = with_sound(
+        tmp_path / "clip.mkv", write_horse_video(tmp_path / "picture.mp4", frames=4, fps=8), "vorbis", tone(1.0)
+    )
     out = tmp_path / "out"
     arguments = ["--out", str(out), "--model", str(tiny_model_dir), "--keyframe_interval", "2", *FAST]
     code = main([str(clip), "a robot horse; a zebra", "--save-frames", *arguments])
@@ -138,6 +141,7 @@ def test_a_video_gives_one_mp4_per_prompt_and_on_request_its_frames(tiny_model_d
             decoded = list(container.decode(stream))
             assert stream.codec_context.name == "h264" and stream.average_rate == 8
         assert [(frame.width, frame.height) for frame in decoded] == [(128, 128)] * 4
+        assert audio_packets(video)[0].name == "aac"  # the clip's Vorbis sound, encoded as AAC
     assert all(Image.open(path).size == (128, 128) for path in frames)
     assert any(line.startswith("encode ") for line in printed)  # the MP4s' writing is in the stats
     # A video takes no mask: the engine's refusal, before any work.

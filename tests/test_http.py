@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import requests
 from PIL import Image
 
 from tests.helpers import FAST, HORSE, ROOT, free_port, horse_at, write_horse_video
+from tests.test_video_audio import audio_packets, span_packets, tone, with_sound
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 # Where coglet, the server of the cog SDK, keeps prediction files (fixed in its binary; a container's /tmp).
@@ -331,7 +333,10 @@ def test_auto_mask_prediction_reports_each_prompts_coverage(server: Server, hors
 
 
 def test_video_prediction_returns_one_mp4_per_prompt(server: Server, tmp_path: Path) -> None:
-    video = write_horse_video(tmp_path / "input.mp4", frames=4, fps=8)
+    """Each MP4 carries the input's AAC sound for its frames' span (4 frames at 8 fps: 0.5 s), copied."""
+    picture = write_horse_video(tmp_path / "picture.mp4", frames=4, fps=8)
+    video = with_sound(tmp_path / "input.mp4", picture, "aac", tone(2.0))
+    expected_sound = [bytes(packet) for packet in span_packets(video, Fraction(0), Fraction(1, 2))]
     response = server.predict(
         input_video=_data_uri(video.read_bytes(), "video/mp4"), translation_prompts="a; b", keyframe_interval=2, **FAST
     )
@@ -346,9 +351,12 @@ def test_video_prediction_returns_one_mp4_per_prompt(server: Server, tmp_path: P
             frames = list(container.decode(stream))
             assert stream.codec_context.name == "h264" and stream.average_rate == 8
         assert [(frame.width, frame.height) for frame in frames] == [(128, 128)] * 4
+        output = tmp_path / "output.mp4"
+        output.write_bytes(base64.b64decode(payload))
+        assert [bytes(packet) for packet in audio_packets(output)[1]] == expected_sound
     # The MP4s' writing is a phase of its own, in the logs' summary and the metrics.
     phases = body["metrics"]["phases"]
-    assert set(phases) == {"load", "inversion", "keyframes", "groups", "decode", "encode"}
+    assert set(phases) == {"load", "inversion", "anchors", "keyframes", "groups", "decode", "encode"}
     assert phases["encode"]["seconds"] > 0 and phases["encode"]["unet_evals"] == 0
     assert phases["inversion"]["unet_evals"] == 4 * 10 and body["metrics"]["cache"] == "new"
     assert "encode done" in body["logs"] and "\nencode " in body["logs"]

@@ -5,6 +5,7 @@ reference of the rule (tests/tokenflow_reference.py) against the engine, with sm
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -57,10 +58,10 @@ def test_identical_frames_in_windows_each_get_the_image_paths_edit(engine: PnPEn
 
 @pytest.mark.parametrize("negative", ["", "blurry"])
 def test_the_unet_evaluations_in_windows_are_the_formulas(
-    engine: PnPEngine, tmp_path: Path, small_windows, negative: str
+    engine: PnPEngine, tmp_path: Path, small_windows, negative: str, caplog: pytest.LogCaptureFixture
 ):
     """F·M + N·(G + F + A)·(1 + b·P) on a new video past W groups, N·(G + F + A)·(1 + b·P) on the same video
-    again; the anchor passes N·A·(1 + b·P)."""
+    again; the anchor passes N·A·(1 + b·P). A debug line names each window as it starts."""
     path = write_video(tmp_path, horse_frames(5, shift=4))  # F = 5, B = 1: G = 5 > W = 2
     request = video_config(
         translation_prompts="a robot horse; a zebra",
@@ -72,7 +73,14 @@ def test_the_unet_evaluations_in_windows_are_the_formulas(
     )
     frames, groups, anchors, steps, prompts, branches = 5, 5, 2, 10, 2, 3 if negative else 2
     units = 1 + branches * prompts
-    new = engine(request, video=path).stats
+    with caplog.at_level(logging.DEBUG, logger="pnp.tokenflow"):
+        new = engine(request, video=path).stats
+    windows = [r.getMessage() for r in caplog.records if r.name == "pnp.tokenflow" and "window" in r.getMessage()]
+    assert len(windows) == steps * 3 and windows[:3] == [
+        "step 0: window 1 of 3, groups 0 to 0",
+        "step 0: window 2 of 3, groups 1 to 2",
+        "step 0: window 3 of 3, groups 3 to 4",
+    ]
     assert new.phases["anchors"].unet_evals == steps * anchors * units
     assert new.phases["keyframes"].unet_evals == steps * groups * units
     assert new.unet_evals == frames * 10 + steps * (groups + frames + anchors) * units

@@ -1,11 +1,12 @@
-"""Self-checks of the naive video reference (tests/tokenflow_reference.py, SPEC §7.3-7.4, §7.6) on tiny random
+"""Self-checks of the naive video reference (tests/tokenflow_reference.py, docs/algorithm.md §11-§12) on tiny random
 UNets, against a second, separately written Plug-and-Play here (`_plug_and_play`): one frame is plain PnP (also for
 a v-prediction model); identical frames all equal the one-frame result; after one step a single group's keyframe
 is PnP of that frame, and the first of two keyframes is PnP with both frames' keys and values; prompts do not
-mix; the group pass's propagation on hand-made tokens; the keyframe draws of SPEC §7.3 (and TokenFlow's).
-SPEC §7.6: the windows' and anchors' formulas; a video within one window is unchanged by W and A; identical frames
+mix; the group pass's propagation on hand-made tokens; the keyframe draws of §11 (and TokenFlow's).
+§12: the windows' and anchors' formulas; a video within one window is unchanged by W and A; identical frames
 in windows still equal the one-frame result; windows and anchors change the result of different frames; the
-number of keyframes each keyframe pass attends to; a window pass's keys and values on hand-made tokens."""
+number of keyframes each keyframe pass attends to; a window pass's keys and values on hand-made tokens.
+Every § here is a section of docs/algorithm.md."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from tests.tokenflow_reference import (
 
 STEPS = 5
 LATENT = (4, 16, 16)  # 128x128 pixels
-SMALL_LATENT = (4, 8, 8)  # 64x64 pixels: the tiny UNet's smallest input, for the longer videos of SPEC §7.6
+SMALL_LATENT = (4, 8, 8)  # 64x64 pixels: the tiny UNet's smallest input, for the longer videos of §12
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def _settings(keyframe_interval: int, weights: tuple[float, ...] = (1.0,) * STEP
 
 
 class _ImagePnP:
-    """Plug-and-Play (SPEC §4.3-§4.4) on a batch of frames, independently of the video reference: attn1 by
+    """Plug-and-Play (§4-§5) on a batch of frames, independently of the video reference: attn1 by
     PyTorch's scaled_dot_product_attention; the source call records q, k and the ResNet residual, target calls
     take them. `extended`: target calls attend to the keys and values of every frame of the batch."""
 
@@ -141,7 +142,7 @@ def _plug_and_play(
     extended: bool = False,
 ) -> torch.Tensor:
     """Each prompt's final latents (P, F, C, h, w) of PnP on `source` (t -> (F, C, h, w)), all three branches
-    always evaluated, one prompt and branch at a time; with `extended`, SPEC §7.4's keyframe pass every step."""
+    always evaluated, one prompt and branch at a time; with `extended`, §11's keyframe pass every step."""
     pnp = _ImagePnP(extended)
     modules = dict(unet.named_modules())
     attn1 = {name: m for name, m in modules.items() if name.endswith(".attn1")}
@@ -166,7 +167,7 @@ def _plug_and_play(
                         unet(x, t, encoder_hidden_states=text.expand(frames, -1, -1)).sample for text in branch_texts
                     ]
                     a_t, a_next = schedule.alpha_bar(i), schedule.alpha_bar(i + 1)
-                    if schedule.prediction_type == "v_prediction":  # SPEC §4.8
+                    if schedule.prediction_type == "v_prediction":  # §9
                         eps = [math.sqrt(a_t) * v + math.sqrt(1 - a_t) * x for v in eps]
                     a = settings.negative_prompt_weights[i]
                     uncond = eps[0] if texts.negative is None else a * eps[0] + (1 - a) * eps[2]
@@ -182,7 +183,7 @@ def _plug_and_play(
 
 
 def test_one_frame_is_plain_plug_and_play(unet: UNet2DConditionModel, schedule: ReferenceSchedule):
-    """SPEC §7.1: a one-frame video is an image. Two prompts and a negative prompt whose linear weights reach
+    """§11: a one-frame video is an image. Two prompts and a negative prompt whose linear weights reach
     a_i = 1 (negative branch skipped) and a_i = 0 (unconditional branch skipped)."""
     texts = _texts(unet, prompts=2, negative=True)
     source = _source(schedule, frames=1)
@@ -202,7 +203,7 @@ def test_one_frame_is_plain_plug_and_play(unet: UNet2DConditionModel, schedule: 
 
 
 def test_one_frame_of_a_v_prediction_model_is_plain_plug_and_play(tiny_v_model_dir: Path):
-    """SPEC §4.8 (v turned into ε) on an SD 2.x-layout UNet (linear projections, heads by width), 4 steps."""
+    """§9 (v turned into ε) on an SD 2.x-layout UNet (linear projections, heads by width), 4 steps."""
     unet = UNet2DConditionModel.from_pretrained(tiny_v_model_dir / "unet", torch_dtype=torch.float32).eval()
     schedule = _schedule(tiny_v_model_dir, 4)
     assert schedule.prediction_type == "v_prediction"
@@ -271,7 +272,7 @@ def test_one_step_first_keyframe_of_two_is_extended_attention_plug_and_play(
 
 
 def test_several_prompts_equal_one_prompt_at_a_time(unet: UNet2DConditionModel, schedule: ReferenceSchedule):
-    """SPEC §7.4: prompts do not mix, in the keyframes' extended attention or the group passes. Four frames
+    """§11: prompts do not mix, in the keyframes' extended attention or the group passes. Four frames
     in two groups (so blended propagation), a negative prompt with a_i strictly between 0 and 1, three steps."""
     three_steps = ReferenceSchedule(schedule.timesteps[:3], schedule.alphas_cumprod, schedule.final_alpha_cumprod)
     texts = _texts(unet, prompts=2, negative=True)
@@ -288,7 +289,7 @@ def test_several_prompts_equal_one_prompt_at_a_time(unet: UNet2DConditionModel, 
 
 
 def test_keyframe_draws_follow_the_formula():
-    """SPEC §7.3 with F = 10, B = 4 (groups of 4, 4, 2): one generator, r drawn anew each step."""
+    """§11 with F = 10, B = 4 (groups of 4, 4, 2): one generator, r drawn anew each step."""
     assert frame_groups(10, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     generator = torch.Generator("cpu").manual_seed(7)
     expected = []
@@ -311,7 +312,7 @@ def test_keyframe_draws_are_tokenflows_pivots_when_frames_fill_the_groups():
 
 
 def test_blend_weights_and_nearest_positions():
-    """SPEC §7.4's w and n by hand: frame 5 of group 1 with B = 4 lies 1 from c_1 = 6 and 3 from c_0 = 2."""
+    """§11's w and n by hand: frame 5 of group 1 with B = 4 lies 1 from c_1 = 6 and 3 from c_0 = 2."""
     assert blend_weight(5, 1, 4) == pytest.approx(1 / (1 + math.exp(-3 / 4)))
     assert blend_weight(4, 1, 4) == pytest.approx(1 / (1 + math.exp(-0.5)))
     keyframe = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
@@ -321,7 +322,7 @@ def test_blend_weights_and_nearest_positions():
 
 
 def test_group_pass_propagates_each_branchs_keyframe_outputs_at_the_matched_positions():
-    """SPEC §7.4 step 2 on hand-made tokens: frame 5 of group 1 (B = 4) between its keyframe 6 and the previous
+    """§11 step 2 on hand-made tokens: frame 5 of group 1 (B = 4) between its keyframe 6 and the previous
     group's keyframe 1; positions matched by the frame's source tokens, every branch taking its own outputs."""
     keyframe_tokens = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     previous_tokens = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0]])
@@ -375,12 +376,12 @@ def _random_attn1(generator: torch.Generator) -> SimpleNamespace:
 
 
 def _windowed(keyframe_interval: int, window: int, anchors: int) -> ReferenceSettings:
-    """`_settings` with SPEC §7.6's W and A set small, so that a short video has several windows."""
+    """`_settings` with §12's W and A set small, so that a short video has several windows."""
     return dataclasses.replace(_settings(keyframe_interval), keyframe_window=window, anchor_keyframes=anchors)
 
 
 def test_keyframe_windows_and_anchor_groups_follow_the_formulas():
-    """SPEC §7.6 by hand: n_w = ceil(G / W) windows, window w from s_w = floor(w G / n_w); anchors
+    """§12 by hand: n_w = ceil(G / W) windows, window w from s_w = floor(w G / n_w); anchors
     a_j = floor((2j + 1) G / (2A)); then the formulas' properties over many G, W and A."""
     assert keyframe_windows(7, 3) == [[0, 1], [2, 3], [4, 5, 6]]  # s = 0, 7 // 3, 14 // 3, 7
     assert keyframe_windows(10, 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
@@ -403,7 +404,7 @@ def test_keyframe_windows_and_anchor_groups_follow_the_formulas():
 
 
 def test_windowed_settings_are_checked(unet: UNet2DConditionModel, schedule: ReferenceSchedule):
-    """SPEC §7.6 has A <= W (and W >= 1): where windows apply, other values are refused before any UNet call."""
+    """§12 has A <= W (and W >= 1): where windows apply, other values are refused before any UNet call."""
     texts = _texts(unet, prompts=1, negative=False)
     source = _source(schedule, frames=4, shape=SMALL_LATENT)
     for window, anchors in ((0, 1), (2, 3), (2, 0)):
@@ -414,7 +415,7 @@ def test_windowed_settings_are_checked(unet: UNet2DConditionModel, schedule: Ref
 def test_videos_within_one_window_are_unchanged_by_the_window_settings(
     unet: UNet2DConditionModel, schedule: ReferenceSchedule
 ):
-    """SPEC §7.6: G <= W is 7.4 exactly, whatever A. Five frames in groups of 2, 2, 1 (G = 3), two steps, with
+    """§12: G <= W is §11 exactly, whatever A. Five frames in groups of 2, 2, 1 (G = 3), two steps, with
     W = 3 (G = W) and A = 1 or A = 9 (> G), bit for bit the default W = 25, A = 8."""
     two_steps = _first_steps(schedule, 2)
     texts = _texts(unet, prompts=1, negative=False)
@@ -430,7 +431,7 @@ def test_videos_within_one_window_are_unchanged_by_the_window_settings(
 def test_identical_frames_in_windows_equal_the_one_frame_result(
     unet: UNet2DConditionModel, schedule: ReferenceSchedule
 ):
-    """SPEC §7.6 with five identical frames, B = 1, W = 2, A = 2 (windows [0], [1, 2], [3, 4], anchors 1 and 3),
+    """§12 with five identical frames, B = 1, W = 2, A = 2 (windows [0], [1, 2], [3, 4], anchors 1 and 3),
     three steps: every key and value attended to (own keyframes, the previous window's last, other anchors) is
     a copy of the same frame's, so each frame equals the one-frame video."""
     three_steps = _first_steps(schedule, 3)
@@ -449,7 +450,7 @@ def test_identical_frames_in_windows_equal_the_one_frame_result(
 def test_windows_and_anchors_change_the_result_of_different_frames(
     unet: UNet2DConditionModel, schedule: ReferenceSchedule
 ):
-    """SPEC §7.6 on four different frames, B = 1, one step: W = 2 (windows [0, 1], [2, 3]) differs from one window,
+    """§12 on four different frames, B = 1, one step: W = 2 (windows [0, 1], [2, 3]) differs from one window,
     and the anchors count: A = 1 (anchor 2) and A = 2 (anchors 1 and 3) give window 0 different keys."""
     one_step = _first_steps(schedule, 1)
     texts = _texts(unet, prompts=1, negative=False)
@@ -483,7 +484,7 @@ def test_keyframe_passes_attend_to_their_window_the_previous_windows_last_keyfra
     keyframe_passes: list[tuple[int, int]],
     passes: str,
 ):
-    """SPEC §7.6's passes of one step, B = 1, W = 2, A = 2, spied on: the anchor pass, then each window's keyframe
+    """§12's passes of one step, B = 1, W = 2, A = 2, spied on: the anchor pass, then each window's keyframe
     pass (K) and its group passes (g, no attention). In a keyframe pass of n keyframes every attn1 of a target
     branch attends to k frames' keys (| window | + 1 for w > 0 + anchors not among those), of the source branch
     to its own frame's: `keyframe_passes` holds (n, k) per keyframe pass, the anchor pass first."""
@@ -512,7 +513,7 @@ def test_keyframe_passes_attend_to_their_window_the_previous_windows_last_keyfra
 
 
 def test_window_pass_attends_to_its_keyframes_the_previous_windows_last_and_the_other_anchors():
-    """SPEC §7.6 step 3 on hand-made tokens: a window pass on keyframes 4 and 5 after a window whose last keyframe
+    """§12 step 3 on hand-made tokens: a window pass on keyframes 4 and 5 after a window whose last keyframe
     is 2, with other anchors 0 and 9. Each target row attends to its branch's keys and values of 4 and 5 (this
     pass), of 2 as the previous window's pass kept them (not the anchor pass's), of 0 and 9 from the anchor pass
     (not a window's), and not the anchor pass's 4; source rows to their own frame. Then the anchor pass keeps

@@ -1,8 +1,8 @@
-"""Video requests through the engine (SPEC 7; pnp/video.py, pnp/tokenflow.py): a one-frame video and a video of
-identical frames against the image path, the keyframes' draws, seeds, several prompts at once, the counted UNet
-evaluations new and cached, the refusals that come before any UNet work, and a naive implementation of SPEC
-7.3-7.4 (tests/tokenflow_reference.py) against the engine. The test videos are made here with
-PyAV (`pnp.video_io.save_video`), from crops of the example image: natural content, no flat repeated regions."""
+"""Video requests through the engine (docs/algorithm.md §11-§12; pnp/video.py, pnp/tokenflow.py): a one-frame video and
+a video of identical frames against the image path, the keyframes' draws, seeds, several prompts at once, the counted
+UNet evaluations new and cached, the refusals that come before any UNet work, and a naive implementation of
+docs/algorithm.md §11 (tests/tokenflow_reference.py) against the engine. The test videos are made here with PyAV
+(`pnp.video_io.save_video`), from crops of the example image: natural content, no flat repeated regions."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def max_difference(first: Image.Image, second: Image.Image) -> int:
 
 def assert_same_up_to_ties(frames: list[Image.Image], expected: list[Image.Image]) -> None:
     """The frames of one request run in other UNet batches: equal within 1 grey level, but for the few pixels
-    where a near-tie of the nearest-neighbour search went the other way (SPEC 7.1 allows it). The tiny model's
+    where a near-tie of docs/algorithm.md §11's nearest-neighbour search went the other way. The tiny model's
     16-channel tokens have cosine-similarity margins down to 1e-7, the rounding that another batch size brings
     to the convolutions; a flipped match moves about 0.1% of a frame's values by 2-4 grey levels. A split that
     mixed up frames, branches or prompts moves most of them."""
@@ -89,8 +89,8 @@ def test_identical_frames_each_get_the_image_paths_edit(engine: PnPEngine, tmp_p
     assert max(max_difference(edited, image) for edited in video) <= 1
 
 
-def test_the_keyframes_are_spec_draws():
-    """SPEC 7.3: one generator seeded once, r = randint(B, (G,)) a step, k_g = gB + (r_g mod |group g|)."""
+def test_the_keyframes_are_the_documented_draws():
+    """docs/algorithm.md §11: one generator seeded once, r = randint(B, (G,)) a step, k_g = gB + (r_g mod |group g|)."""
     groups = frame_groups(10, 4)
     assert groups == [range(0, 4), range(4, 8), range(8, 10)]
     draws = draw_keyframes(groups, 4, seed=7, num_steps=3)
@@ -122,7 +122,7 @@ def test_several_prompts_equal_one_prompt_at_a_time(engine: PnPEngine, clip: Pat
 
 
 @pytest.mark.parametrize("negative", ["", "blurry"])
-def test_the_unet_evaluations_are_spec_5s(engine: PnPEngine, tmp_path: Path, negative: str):
+def test_the_unet_evaluations_are_the_cost_models(engine: PnPEngine, tmp_path: Path, negative: str):
     """F·M + N·(G + F)·(1 + b·P) on a new video, N·(G + F)·(1 + b·P) on the same video again; b = 3 with a
     negative prompt whose constant weight 0.5 keeps both the unconditional and the negative branch."""
     path = write_video(tmp_path, horse_frames(3, shift=5))  # F = 3, B = 2: G = 2
@@ -199,7 +199,7 @@ def reference_frames(
     return [pixels_to_images(decoded_to_pixels(engine.model.decode_latents(video, 8))) for video in latents]
 
 
-def test_the_engine_equals_a_naive_implementation_of_spec_7(engine: PnPEngine, clip: Path):
+def test_the_engine_equals_a_naive_implementation_of_the_algorithm(engine: PnPEngine, clip: Path):
     """tests/tokenflow_reference.py (loops over frames, rows and positions, plain softmax attention) on the
     engine's own inversion: 2 prompts, groups of 2, 2 and 1 frames, a negative prompt; within 1 grey level."""
     request = video_config(

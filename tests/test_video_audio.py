@@ -1,6 +1,6 @@
-"""The input's sound in the output MP4s (SPEC 7.1, pnp.video_io): the first audio stream for the span of the taken
-frames, AAC and MP3 copied packet for packet, other codecs encoded as AAC, and a broken audio stream that leaves
-the videos silent (with a warning) but never costs a frame. Also the streaming writer: frames encoded as they
+"""The input's sound in the output MP4s (docs/algorithm.md §11, pnp.video_io): the first audio stream for the span of
+the taken frames, AAC and MP3 copied packet for packet, other codecs encoded as AAC, and a broken audio stream that
+leaves the videos silent (with a warning) but never costs a frame. Also the streaming writer: frames encoded as they
 come and not kept.
 
 The clips are a `coloured` video (tests/test_video_io.py) remuxed beside a stereo signal encoded here: noise

@@ -1,21 +1,22 @@
-"""The deliberately naive reference of SPEC §7.3-7.4 and §7.6 (video: Plug-and-Play with TokenFlow's keyframes
+"""The deliberately naive reference of docs/algorithm.md §11-§12 (video: Plug-and-Play with TokenFlow's keyframes
 and token propagation, in keyframe windows with anchors for long videos), for tests to check the engine's
 optimised video path against.
 
-It is written from the SPEC alone, not from the engine's code, and favours plainness over speed: Python
+It is written from docs/algorithm.md alone, not from the engine's code, and favours plainness over speed: Python
 loops over frames, branches, heads and token positions, softmax attention and cosine similarity written
-out, one UNet call per pass with every row of that pass. Only torch and diffusers are used.
+out, one UNet call per pass with every row of that pass. Only torch and diffusers are used. Every § below is a
+section of docs/algorithm.md.
 
-Per sampling step i (SPEC §7.4), with the G groups in one window when G <= W:
+Per sampling step i (§11), with the G groups in one window when G <= W:
 1. keyframe pass: the UNet on the G keyframes, every branch; each attn1 of a target branch attends to the
    keys and values of all G keyframes of its branch and prompt; S_k (the source branch's attn1 inputs) and
    A_k (attn1's outputs, every branch) are kept for every attn1;
 2. group passes: the UNet on each group's frames, every branch; attn1 is replaced by the keyframes' A at
    the positions whose S best match the frame's own source tokens (blended over two keyframes for g > 0);
-3. guidance (SPEC §4.4-§4.5, §4.8) on the group passes' outputs, then the DDIM step of every frame.
+3. guidance (§5-§6, §9) on the group passes' outputs, then the DDIM step of every frame.
 
-With G > W (SPEC §7.6) the groups are cut into n_w = ceil(G / W) windows of consecutive groups, and step 1
-becomes, before anything else, an anchor pass: 7.4's keyframe pass on the keyframes of the A anchor groups
+With G > W (§12) the groups are cut into n_w = ceil(G / W) windows of consecutive groups, and step 1
+becomes, before anything else, an anchor pass: §11's keyframe pass on the keyframes of the A anchor groups
 a_j = floor((2j + 1) G / (2A)), keeping each target branch's keys (after injection) and values of every attn1.
 Then, window by window, a keyframe pass on the window's keyframes whose target branches attend to the keys and
 values of the window's own keyframes, then of the previous window's last keyframe (as its window's pass
@@ -35,10 +36,10 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-# Branch kinds. The source branch has no prompt; the others have one each (SPEC §7.4).
+# Branch kinds. The source branch has no prompt; the others have one each (§11).
 SOURCE, UNCONDITIONAL, CONDITIONAL, NEGATIVE = "source", "unconditional", "conditional", "negative"
 
-# SPEC §4.3's injection sites, by diffusers module name.
+# §4's injection sites, by diffusers module name.
 RESNET_CONV2 = "up_blocks.1.resnets.1.conv2"
 ATTENTION_SITES = tuple(
     f"up_blocks.{block}.attentions.{index}.transformer_blocks.0.attn1"
@@ -57,7 +58,7 @@ class ReferenceSchedule:
 
     @classmethod
     def from_scheduler_config(cls, config: dict[str, Any], num_steps: int) -> ReferenceSchedule:
-        """SPEC §4: `DDIMScheduler.from_config` with clip_sample=False, set_alpha_to_one=False, then
+        """§1: `DDIMScheduler.from_config` with clip_sample=False, set_alpha_to_one=False, then
         `set_timesteps(num_steps)`."""
         scheduler = DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
         scheduler.set_timesteps(num_steps)
@@ -86,8 +87,8 @@ class ReferenceTexts:
 
 @dataclass(frozen=True)
 class ReferenceSettings:
-    """Guidance scale s, a_i per step (SPEC §4.5), n_f and n_a (SPEC §4.3), keyframe_interval B and seed, and
-    SPEC §7.6's keyframe window W and anchor count A (the engine's KEYFRAME_WINDOW and ANCHOR_KEYFRAMES)."""
+    """Guidance scale s, a_i per step (§6), n_f and n_a (§4), keyframe_interval B and seed, and
+    §12's keyframe window W and anchor count A (the engine's KEYFRAME_WINDOW and ANCHOR_KEYFRAMES)."""
 
     scale: float
     negative_prompt_weights: tuple[float, ...]
@@ -100,7 +101,7 @@ class ReferenceSettings:
 
 
 def frame_groups(num_frames: int, keyframe_interval: int) -> list[list[int]]:
-    """SPEC §7.3: group g holds frames gB .. min(gB + B, F) - 1; the last group may be shorter."""
+    """§11: group g holds frames gB .. min(gB + B, F) - 1; the last group may be shorter."""
     return [
         list(range(start, min(start + keyframe_interval, num_frames)))
         for start in range(0, num_frames, keyframe_interval)
@@ -108,7 +109,7 @@ def frame_groups(num_frames: int, keyframe_interval: int) -> list[list[int]]:
 
 
 def keyframe_draws(num_frames: int, keyframe_interval: int, num_steps: int, seed: int) -> list[list[int]]:
-    """Each step's keyframe of each group (SPEC §7.3): one generator seeded once, r drawn anew each step,
+    """Each step's keyframe of each group (§11): one generator seeded once, r drawn anew each step,
     k_g = gB + (r_g mod |group g|)."""
     groups = frame_groups(num_frames, keyframe_interval)
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -120,7 +121,7 @@ def keyframe_draws(num_frames: int, keyframe_interval: int, num_steps: int, seed
 
 
 def keyframe_windows(num_groups: int, keyframe_window: int) -> list[list[int]]:
-    """SPEC §7.6: n_w = ceil(G / W) windows of consecutive groups, window w holding groups s_w .. s_{w+1} - 1
+    """§12: n_w = ceil(G / W) windows of consecutive groups, window w holding groups s_w .. s_{w+1} - 1
     with s_w = floor(w G / n_w); a single window of every group when G <= W."""
     count = -(-num_groups // keyframe_window)
     starts = [w * num_groups // count for w in range(count + 1)]
@@ -128,12 +129,12 @@ def keyframe_windows(num_groups: int, keyframe_window: int) -> list[list[int]]:
 
 
 def anchor_groups(num_groups: int, anchor_keyframes: int) -> list[int]:
-    """SPEC §7.6: the A anchor groups a_j = floor((2j + 1) G / (2A)), j = 0 .. A - 1."""
+    """§12: the A anchor groups a_j = floor((2j + 1) G / (2A)), j = 0 .. A - 1."""
     return [(2 * j + 1) * num_groups // (2 * anchor_keyframes) for j in range(anchor_keyframes)]
 
 
 def blend_weight(frame: int, group: int, keyframe_interval: int) -> float:
-    """w of SPEC §7.4 for `frame` of `group` > 0: the weight of the group's own keyframe against the previous
+    """w of §11 for `frame` of `group` > 0: the weight of the group's own keyframe against the previous
     group's. d2 / (d1 + d2) and its sigmoid are float32 tensor operations, as in TokenFlow's code."""
     center, previous_center = (c * keyframe_interval + keyframe_interval // 2 for c in (group, group - 1))
     d1 = torch.tensor(abs(frame - center), dtype=torch.float32)
@@ -199,7 +200,7 @@ class _PassState:
     # A_k by (branch, prompt, keyframe).
     kept_inputs: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     kept_outputs: dict[str, dict[tuple[str, int | None, int], torch.Tensor]] = field(default_factory=dict)
-    # SPEC §7.6's keyframe passes: the anchor pass keeps its keys and values, not S_k and A_k; a window's pass
+    # §12's keyframe passes: the anchor pass keeps its keys and values, not S_k and A_k; a window's pass
     # also attends to the previous window's last keyframe (None for the first window, or without windows) and
     # to the anchors' keyframes `other_anchors`, all of its branch and prompt.
     anchor_pass: bool = False
@@ -237,7 +238,7 @@ class _ReferenceSelfAttention:
 
     def _projections(self, attn: Any, hidden_states: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
         """Every row's queries, keys and values; at the injection sites and steps, targets take the same frame's
-        source q and k, before any keys are concatenated (SPEC §4.3, §7.4)."""
+        source q and k, before any keys are concatenated (§4, §11)."""
         state = self.state
         queries = [attn.to_q(h) for h in hidden_states]
         keys = [attn.to_k(h) for h in hidden_states]
@@ -327,7 +328,7 @@ def _installed(unet: UNet2DConditionModel, state: _PassState) -> Iterator[None]:
     originals = {name: module.processor for name, module in self_attention.items()}
 
     def resnet_hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        # conv2's output is the residual branch before the shortcut and output_scale_factor (SPEC §4.3).
+        # conv2's output is the residual branch before the shortcut and output_scale_factor (§4).
         if not state.inject_resnet:
             return output
         injected = output.clone()
@@ -348,7 +349,7 @@ def _installed(unet: UNet2DConditionModel, state: _PassState) -> Iterator[None]:
 
 
 def _target_branches(texts: ReferenceTexts, weight: float) -> list[str]:
-    """The target branches that can change a step's result (SPEC §4.4): the unconditional one unless a_i = 0
+    """The target branches that can change a step's result (§5): the unconditional one unless a_i = 0
     with a negative prompt, the negative one with a negative prompt and a_i != 1, and the conditional one."""
     has_negative = texts.negative is not None
     branches = [] if has_negative and weight == 0 else [UNCONDITIONAL]
@@ -387,7 +388,7 @@ def _unet_pass(
 
 
 def _epsilon(schedule: ReferenceSchedule, output: torch.Tensor, latent: torch.Tensor, alpha_bar: float) -> torch.Tensor:
-    """SPEC §4.8: a v-prediction turned into noise, ε = sqrt(ᾱ) v + sqrt(1 - ᾱ) z; ε itself otherwise."""
+    """§9: a v-prediction turned into noise, ε = sqrt(ᾱ) v + sqrt(1 - ᾱ) z; ε itself otherwise."""
     if schedule.prediction_type == "v_prediction":
         return alpha_bar**0.5 * output + (1 - alpha_bar) ** 0.5 * latent
     return output
@@ -409,7 +410,7 @@ class _Run:
 
 
 def _keyframe_pass(run: _Run, step: int, keyframes: list[int], branches: list[str]) -> None:
-    """A keyframe pass on `keyframes`, every branch: SPEC §7.4 step 1, or §7.6's anchor or window pass as
+    """A keyframe pass on `keyframes`, every branch: §11 step 1, or §12's anchor or window pass as
     `run.state` says. Its noise predictions are not used."""
     t = run.schedule.timesteps[step]
     run.state.rows = _rows(keyframes, branches, run.texts.targets.shape[0])
@@ -420,7 +421,7 @@ def _keyframe_pass(run: _Run, step: int, keyframes: list[int], branches: list[st
 def _group_pass(
     run: _Run, step: int, group: int, keyframes: list[int], branches: list[str]
 ) -> dict[tuple[str, int, int], torch.Tensor]:
-    """SPEC §7.4 step 2 on `group`: its target rows' noise predictions (SPEC §4.8) by (branch, prompt, frame)."""
+    """§11 step 2 on `group`: its target rows' noise predictions (§9) by (branch, prompt, frame)."""
     state, schedule = run.state, run.schedule
     t = schedule.timesteps[step]
     state.rows = _rows(run.groups[group], branches, run.texts.targets.shape[0])
@@ -439,13 +440,13 @@ def _group_pass(
 def _step_predictions(
     run: _Run, step: int, keyframes: list[int], branches: list[str]
 ) -> dict[tuple[str, int, int], torch.Tensor]:
-    """Every frame's target-branch noise predictions at `step`: SPEC §7.4 steps 1-2 in windows (§7.6 steps 1-3;
+    """Every frame's target-branch noise predictions at `step`: §11 steps 1-2 in windows (§12 steps 1-3;
     one window and no anchor pass when G <= W). `keyframes`: k_g of this step."""
     state, settings = run.state, run.settings
     state.kept_inputs, state.kept_outputs, state.anchor_keys, state.window_keys = {}, {}, {}, {}
     windows = keyframe_windows(len(run.groups), settings.keyframe_window)
     anchors = anchor_groups(len(run.groups), settings.anchor_keyframes) if len(windows) > 1 else []
-    if anchors:  # the anchor pass: 7.4's keyframe pass on the anchors' keyframes, keeping their keys and values
+    if anchors:  # the anchor pass: §11's keyframe pass on the anchors' keyframes, keeping their keys and values
         state.anchor_pass, state.previous_window_keyframe, state.other_anchors = True, None, []
         _keyframe_pass(run, step, [keyframes[a] for a in anchors], branches)
     eps = {}
@@ -461,7 +462,7 @@ def _step_predictions(
 
 
 def _ddim_step(run: _Run, step: int, eps: dict[tuple[str, int, int], torch.Tensor], branches: list[str]) -> None:
-    """Guidance (SPEC §4.4-§4.5) on every frame's predictions, then its DDIM step, in `run.x`."""
+    """Guidance (§5-§6) on every frame's predictions, then its DDIM step, in `run.x`."""
     weight, scale = run.settings.negative_prompt_weights[step], run.settings.scale
     a_t, a_next = run.schedule.alpha_bar(step), run.schedule.alpha_bar(step + 1)
     for p, f in list(run.x):
@@ -478,7 +479,7 @@ def _ddim_step(run: _Run, step: int, eps: dict[tuple[str, int, int], torch.Tenso
 
 
 def _check_windows(num_groups: int, settings: ReferenceSettings) -> None:
-    """W >= 1, and where windows apply (G > W), 1 <= A <= W as SPEC §7.6 has it (so the anchors are distinct)."""
+    """W >= 1, and where windows apply (G > W), 1 <= A <= W as §12 has it (so the anchors are distinct)."""
     window, anchors = settings.keyframe_window, settings.anchor_keyframes
     if window < 1:
         raise ValueError(f"keyframe_window must be at least 1, not {window}")
@@ -493,7 +494,7 @@ def reference_video_latents(
     texts: ReferenceTexts,
     settings: ReferenceSettings,
 ) -> torch.Tensor:
-    """Each prompt's final latents (P, F, C, h, w) of SPEC §7.4 (in §7.6's windows when G > W), from z_src^f[t]
+    """Each prompt's final latents (P, F, C, h, w) of §11 (in §12's windows when G > W), from z_src^f[t]
     (`source_latents[t]`, (F, C, h, w) at every sampling timestep t). `unet` is used in float32 as given; its
     processors and hooks are its own again afterwards."""
     timesteps = schedule.timesteps
