@@ -1,5 +1,5 @@
 """What a request cost and did: seconds and UNet evaluations per phase, where its source came from, its masks,
-its memory and its retries; timed by `PhaseTimer` (a front end's video encoding too, `PhaseTimer.without_unet`), and
+its memory and its retries; timed by `PhaseTimer` (a video's encoding too, as its frames are decoded), and
 rendered once for people (`notes`, used by the logs' `summary` and the web page's `headline`) and once as data
 (`metrics`, Cog's metrics).
 """
@@ -144,11 +144,6 @@ class CountsEvals(Protocol):
 
 
 @dataclass(frozen=True)
-class _NoUNet:
-    evals: int = 0
-
-
-@dataclass(frozen=True)
 class PhaseTimer:
     """Adds each phase's seconds and the UNet evaluations `unet` counted in it to `stats`, after waiting for
     `device`, so that a phase's seconds include the work it queued."""
@@ -156,12 +151,6 @@ class PhaseTimer:
     stats: RunStats
     unet: CountsEvals
     device: torch.device
-
-    @classmethod
-    def without_unet(cls, stats: RunStats) -> PhaseTimer:
-        """A timer for work after the engine has returned, with no UNet and nothing queued on a device (the front
-        ends' MP4 encoding)."""
-        return cls(stats, _NoUNet(), torch.device("cpu"))
 
     @contextmanager
     def phase(self, name: str, log: bool = True) -> Iterator[None]:

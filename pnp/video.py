@@ -104,10 +104,10 @@ class VideoPipeline:
             clip = load_video(video, config.video_frames, config.video_fps, config.image_size)
             frames = tuple(clip.frames)
             key = SourceKey.of(self.model.name, self.model.dtype, frames, config)
-        sound = "with sound" if getattr(clip, "audio", None) is not None else "silent"
+        sound = "with sound" if clip.audio is not None else "silent"
         logger.info("video: %d frames at %.3g fps, %dx%d, %s", len(frames), clip.fps, *frames[0].size, sound)
         timesteps = tuple(self.schedule.sampling_timesteps(config.num_inference_steps))
-        return LoadedVideo(config, timesteps, frames, clip.fps, getattr(clip, "audio", None), key)
+        return LoadedVideo(config, timesteps, frames, clip.fps, clip.audio, key)
 
     def _run(self, loaded: LoadedVideo, sink: FrameSink, timer: PhaseTimer) -> MemoryPolicy:
         """One run: the inversion (cached), the sampling, each prompt's frames into `sink`."""
@@ -161,10 +161,10 @@ class VideoPipeline:
         """The inversion of the frames' latents, `memory.unet_batch` frames a UNet call, each call's z_src written
         into the host's tensors as it comes."""
         unet, steps, keep = self.model.injection_unet, loaded.config.ddim_inversion_steps, set(loaded.timesteps)
-        latents = {t: torch.empty_like(frame_latents) for t in keep}
-        for chunk in torch.arange(len(frame_latents)).split(memory.unet_batch):
-            first, last = int(chunk[0]), int(chunk[-1]) + 1
-            text = embeddings.source.expand(len(chunk), -1, -1)
+        latents, frames = {t: torch.empty_like(frame_latents) for t in keep}, len(frame_latents)
+        for first in range(0, frames, memory.unet_batch):
+            last = min(first + memory.unet_batch, frames)
+            text = embeddings.source.expand(last - first, -1, -1)
             device_latents = frame_latents[first:last].to(self.model.device)
             for t, kept in invert(unet, self.schedule, device_latents, text, steps, keep).items():
                 latents[t][first:last] = kept
