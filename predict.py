@@ -189,12 +189,11 @@ class Predictor(BaseRunner):
         )
         check_output_format(output_format)
 
-        out_dir = self.outputs.fresh()
         # The engine refuses a video with another source or a mask, naming input_video.
         sources = {"image": input_image, "mask": mask, "video": input_video}
-        result, paths = run_request(self.engine, config, out_dir, sources)
+        result, paths = run_request(self.engine, config, self.outputs.fresh, sources)
         if input_video is None:
-            paths = save_images(result.images, out_dir, output_format)
+            paths = save_images(result.images, self.outputs.fresh(), output_format)
 
         if result.seed is not None:
             print(f"seed: {result.seed}", flush=True)

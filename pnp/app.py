@@ -132,15 +132,14 @@ class App:
             config = PnPConfig.from_mapping(inputs)
             if config.generation_mode:
                 image = mask = None  # as in the schema: a generation prompt ignores input_image
-            out_dir = self.outputs.fresh()
             with reporting_to(lambda phase, done, total: progress((done, total), desc=phase)):
                 # The engine refuses a video with an image, a generation prompt or a mask, naming input_video.
                 sources = {"image": image, "mask": mask, "video": input_video}
-                result, paths = run_request(self.engine, config, out_dir, sources)
+                result, paths = run_request(self.engine, config, self.outputs.fresh, sources)
         except PnPError as error:
             raise gr.Error(str(error)) from None
         if input_video is None:
-            paths = save_images(result.images, out_dir, output_format)
+            paths = save_images(result.images, self.outputs.fresh(), output_format)
         return [str(path) for path in paths], result.masks, result.stats.headline()
 
 

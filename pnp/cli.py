@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = load_engine(args)
         sources = {"image": None if video else source, "mask": args.mask, "video": source if video else None}
         # A video's MP4s (and with --save-frames its frames) are written as its frames are decoded.
-        result, paths = run_request(engine, config, args.out, sources, save_frames=args.save_frames)
+        result, paths = run_request(engine, config, lambda: Path(args.out), sources, save_frames=args.save_frames)
     except PnPError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

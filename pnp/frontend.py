@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .config import PnPConfig
@@ -38,14 +37,15 @@ def log_to_stderr() -> None:
 def run_request(
     engine: PnPEngine,
     config: PnPConfig,
-    out_dir: str | os.PathLike,
+    out_dir: Callable[[], Path],
     sources: Mapping[str, object | None],
     save_frames: bool = False,
 ) -> tuple[PnPResult, list[Path]]:
     """Run one request on `engine` with its `sources` (`image`, `mask`, `video` as the engine takes them). A video's
-    frames go into out-K.mp4 in `out_dir` as they are decoded, with the clip's sound (with `save_frames` also as PNG),
-    so none is held: the MP4s are its files. An image request's result comes back with no files: the caller saves
-    its images as its format asks."""
+    frames go into out-K.mp4 in the directory `out_dir()` makes as they are decoded, with the clip's sound (with
+    `save_frames` also as PNG), so none is held: the MP4s are its files. `out_dir` is called only once the first
+    frames come, so a refused request makes no directory. An image request's result comes back with no files: the
+    caller saves its images as its format asks."""
     if sources.get("video") is None:
         return engine(config, sources.get("image"), mask=sources.get("mask")), []
     with Mp4Clips(out_dir, save_frames=save_frames) as clips:

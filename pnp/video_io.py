@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -393,11 +393,12 @@ class Mp4Clips:
     """A video request's edited frames as `out-0.mp4`, `out-1.mp4`, ... in `out_dir` (created if missing), one per
     prompt, each frame encoded as it comes (the engine's `frames_to`, a `pnp.video.FrameSink`): no prompt's frames
     are held. Every file carries the clip's sound, read once for all of them. With `save_frames`, each frame is also
-    written as PNG, `out-K-000.png`, `out-K-001.png`, ... Use it as a context manager: leaving it finishes the files
-    (`paths`), or on an exception removes them."""
+    written as PNG, `out-K-000.png`, `out-K-001.png`, ... `out_dir` may be a function that makes the directory: it
+    is called when the first frames come, so a request refused before them makes none. Use it as a context manager:
+    leaving it finishes the files (`paths`), or on an exception removes them."""
 
-    def __init__(self, out_dir: str | os.PathLike, save_frames: bool = False) -> None:
-        self.out_dir, self.save_frames = Path(out_dir), save_frames
+    def __init__(self, out_dir: str | os.PathLike | Callable[[], Path], save_frames: bool = False) -> None:
+        self._out_dir, self.save_frames = out_dir, save_frames
         self.paths: list[Path] = []
         self._writers: list[VideoWriter] = []
         self._frames: list[list[Path]] = []
@@ -415,6 +416,9 @@ class Mp4Clips:
         """Start the clips of `prompts` prompts at `fps`, with `audio`'s span of sound; a second call (after a run
         that failed part way) starts them over."""
         self._abandon()
+        if callable(self._out_dir):
+            self._out_dir = self._out_dir()  # once: a run that starts over writes into the same directory
+        self.out_dir = Path(self._out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         sound = _Sound(audio) if audio is not None else None
         # The service names the files, so no user input ever reaches a path.

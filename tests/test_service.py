@@ -79,11 +79,12 @@ def test_every_input_is_handed_to_the_engine_unchanged(service, monkeypatch):
     """Every numeric input at each of its (inclusive) bounds, and every other input, reaches the engine."""
     received = []
 
-    def engine(config, image=None, mask=None, video=None):
+    def engine(config, image=None, mask=None, video=None, frames_to=None):
         received.append((config, image, mask, video))
-        if video is not None:  # one prompt's video of two frames
-            frames = [Image.new("RGB", (64, 64))] * 2
-            return PnPResult(images=[], seed=None, stats=RunStats.of(VIDEO_PHASES), videos=[frames], fps=12.5)
+        if video is not None:  # one prompt's video of two frames, handed on as the engine hands them
+            frames_to.open(1, 12.5, None)
+            frames_to.write(0, [Image.new("RGB", (64, 64))] * 2)
+            return PnPResult(images=[], seed=None, stats=RunStats.of(VIDEO_PHASES), fps=12.5)
         return PnPResult(images=[Image.new("RGB", (64, 64))], seed=config.seed, stats=RunStats())
 
     monkeypatch.setattr(service.predictor, "engine", engine)
