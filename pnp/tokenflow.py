@@ -4,8 +4,11 @@
 Each sampling step edits one keyframe per group of frames jointly, every target branch's self-attention
 extended over all keyframes; then every frame takes its self-attention output from the keyframes' outputs
 at the positions whose source tokens match its own (a nearest-neighbour field), blended between the two
-nearest groups' keyframes. `FrameAttention` is the processor of every attn1 during a step, `VideoDenoiser`
-the step: (frames' latents, step i) -> each frame's guided ε, for every prompt at once.
+nearest groups' keyframes. Past KEYFRAME_WINDOW groups (docs/algorithm.md §12) the keyframes go a window of
+consecutive groups at a time, each window's also attending to the previous window's last keyframe and to
+ANCHOR_KEYFRAMES anchors edited first. `FrameAttention` is the processor of every attn1 during a step,
+`VideoDenoiser` the step: (frames' latents, step i) -> each group's guided ε, for every prompt at once, and
+`sample_frames` the step loop.
 """
 
 from __future__ import annotations
