@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 import av
 import numpy as np
@@ -292,7 +292,27 @@ def _display_transposes(frame: av.VideoFrame) -> list[Image.Transpose]:
     return flips
 
 
-class VideoWriter:
+class _Finished:
+    """An output used as a context manager: leaving it finishes the files (`close`), or on an exception removes what
+    it wrote (`_abandon`): an unfinished video is no output."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abandon()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _abandon(self) -> None:
+        raise NotImplementedError
+
+
+class VideoWriter(_Finished):
     """An H.264 MP4 (yuv420p, crf 18, index at the start) at `fps` frames per second, written a frame at a time:
     each `write` encodes its image at once and keeps nothing of it, so memory stays flat however long the video.
 
@@ -315,15 +335,6 @@ class VideoWriter:
         self._size: tuple[int, int] | None = None
         self._written = 0
         self._closed = False
-
-    def __enter__(self) -> VideoWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._abandon()
 
     def write(self, image: Image.Image) -> None:
         """Encode `image` as the next frame; one of another size than the first raises ValueError."""
@@ -389,7 +400,7 @@ def _even_sides(image: Image.Image) -> np.ndarray:
     return np.pad(pixels, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
 
 
-class Mp4Clips:
+class Mp4Clips(_Finished):
     """A video request's edited frames as `out-0.mp4`, `out-1.mp4`, ... in `out_dir` (created if missing), one per
     prompt, each frame encoded as it comes (the engine's `frames_to`, a `pnp.video.FrameSink`): no prompt's frames
     are held. Every file carries the clip's sound, read once for all of them. With `save_frames`, each frame is also
@@ -402,15 +413,6 @@ class Mp4Clips:
         self.paths: list[Path] = []
         self._writers: list[VideoWriter] = []
         self._frames: list[list[Path]] = []
-
-    def __enter__(self) -> Mp4Clips:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._abandon()
 
     def open(self, prompts: int, fps: float, audio: AudioSpan | None) -> None:
         """Start the clips of `prompts` prompts at `fps`, with `audio`'s span of sound; a second call (after a run
